@@ -1,0 +1,11 @@
+"""microsnoop: embeddings of microscopy images, one channel at a time (Xun et al., Microsnoop)."""
+__version__ = "0.1.0"
+
+from .errors import MicrosnoopError  # noqa: E402
+from .models import create_model, list_models  # noqa: E402
+from .embed import embed_images as embed  # noqa: E402
+from .embed import embed_images, embed_source  # noqa: E402
+from .io import open_source, read_embeddings  # noqa: E402
+
+__all__ = ["MicrosnoopError", "__version__", "create_model", "embed", "embed_images", "embed_source", "list_models",
+           "open_source", "read_embeddings"]

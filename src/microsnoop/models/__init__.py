@@ -1,0 +1,8 @@
+"""Model registry. Each import below registers its models (one line per model module)."""
+from .registry import ChannelEncoder, ModelSpec, create_model, default_model_name, get_spec, list_models, register_model
+
+from . import microsnoop_unet  # noqa: F401,E402  random-init (+ the U-Net architecture)
+from . import cellpose  # noqa: F401,E402  cellpose-encoder
+
+__all__ = ["ChannelEncoder", "ModelSpec", "create_model", "default_model_name", "get_spec", "list_models",
+           "register_model"]

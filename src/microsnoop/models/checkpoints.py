@@ -1,0 +1,83 @@
+"""Checkpoints are data: safetensors files whose header carries the model config, verified by sha256."""
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..errors import MicrosnoopError
+from ..io.atomic import atomic_path
+
+
+def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def sha256_state_dict(state: dict[str, torch.Tensor]) -> str:
+    """Content hash of tensors (name, dtype, shape, bytes), for weights built in memory (random-init)."""
+    h = hashlib.sha256()
+    for k in sorted(state):
+        t = state[k].detach().cpu().contiguous()
+        h.update(f"{k}:{t.dtype}:{tuple(t.shape)}".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def save_checkpoint(path: str | Path, state: dict[str, torch.Tensor], config: dict[str, Any],
+                    dtype: torch.dtype | None = None, **info: Any) -> str:
+    """Write weights (+ config and free-form info in the header) atomically; returns the file's sha256."""
+    from safetensors.torch import save_file
+
+    tensors = {}
+    for k, v in state.items():
+        v = v.detach().cpu()
+        if dtype is not None and v.is_floating_point():
+            v = v.to(dtype)
+        tensors[k] = v.contiguous()
+    meta = {"config": json.dumps(config, sort_keys=True), "format": "microsnoop-checkpoint-v1"}
+    meta.update({k: v if isinstance(v, str) else json.dumps(v, sort_keys=True) for k, v in info.items()})
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata=meta)
+    return sha256_file(path)
+
+
+def read_checkpoint_header(path: str | Path) -> dict[str, Any]:
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as fh:
+            meta = fh.metadata() or {}
+    except Exception as exc:
+        raise MicrosnoopError(f"not a safetensors checkpoint ({type(exc).__name__}: {exc})", path) from None
+    out: dict[str, Any] = {}
+    for k, v in meta.items():
+        try:
+            out[k] = json.loads(v)
+        except (json.JSONDecodeError, TypeError):
+            out[k] = v
+    if "config" not in out:
+        raise MicrosnoopError("checkpoint header has no model config", path)
+    return out
+
+
+def load_checkpoint(path: str | Path, expected_sha256: str | None = None) -> tuple[dict[str, torch.Tensor], dict[str, Any], str]:
+    """Load weights as float32 after checking the file's sha256 against the registry's record."""
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    if not path.exists():
+        raise MicrosnoopError("checkpoint not found", path)
+    digest = sha256_file(path)
+    if expected_sha256 and digest != expected_sha256:
+        raise MicrosnoopError(f"sha256 mismatch: file has {digest[:12]}..., registry expects "
+                              f"{expected_sha256[:12]}... (corrupt or replaced weights)", path)
+    header = read_checkpoint_header(path)
+    state = {k: (v.float() if v.is_floating_point() else v) for k, v in load_file(str(path)).items()}
+    return state, header, digest

@@ -1,0 +1,126 @@
+"""Model registry: a name builds a per-channel encoder with verified weights.
+
+A registered model maps a normalised one-channel batch (B, 1, H, W) to (B, dim) features. The
+embedding engine runs it on every channel separately and concatenates, so any channel count works.
+Adding a model = a module that calls ``register_model`` + one import line in ``models/__init__.py``.
+"""
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from ..errors import MicrosnoopError
+
+
+class ChannelEncoder(nn.Module):
+    """Base class: ``forward`` takes (B, 1, H, W) float32 percentile-normalised pixels, returns (B, dim)."""
+
+    dim: int = 256
+    min_size: int = 16  # smaller images are zero-padded (centred) up to this size
+    fixed_size: int | None = None  # encoders that resize every input to one size (e.g. ImageNet CNNs)
+    name: str = "unnamed"
+    sha256: str = ""
+    config: dict[str, Any]
+    spec: "ModelSpec | None" = None
+
+    def provenance(self) -> dict[str, Any]:
+        return {"model": self.name, "model_sha256": self.sha256, "model_config": getattr(self, "config", {})}
+
+
+@dataclass
+class ModelSpec:
+    name: str
+    build: Callable[[bool], ChannelEncoder]  # build(pretrained) -> encoder with weights loaded
+    description: str
+    license: str
+    training_data: str
+    input_size: str
+    sha256: str | None = None
+    trained: bool = True
+    default: bool = False
+    requires: str | None = None  # install hint when an optional dependency is missing
+    card: str | None = None  # path of the model card, relative to the package
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+_REGISTRY: dict[str, ModelSpec] = {}
+
+
+def register_model(spec: ModelSpec) -> ModelSpec:
+    if spec.name in _REGISTRY:
+        raise ValueError(f"model {spec.name!r} registered twice")
+    _REGISTRY[spec.name] = spec
+    return spec
+
+
+def list_models() -> list[ModelSpec]:
+    return list(_REGISTRY.values())
+
+
+def get_spec(name: str) -> ModelSpec:
+    if name not in _REGISTRY:
+        raise MicrosnoopError(f"unknown model '{name}'; registered: {', '.join(_REGISTRY)} (or give a checkpoint path)")
+    return _REGISTRY[name]
+
+
+def default_model_name() -> str:
+    for spec in _REGISTRY.values():
+        if spec.default:
+            return spec.name
+    return "random-init"
+
+
+_ARCH_BUILDERS: dict[str, Callable[[dict[str, Any]], ChannelEncoder]] = {}
+
+
+def register_architecture(arch: str, builder: Callable[[dict[str, Any]], ChannelEncoder]) -> None:
+    """Architectures build an (untrained) encoder from a checkpoint's config, so a user's own
+    checkpoint file (``--model path.safetensors``) loads without a registry entry."""
+    _ARCH_BUILDERS[arch] = builder
+
+
+def build_from_checkpoint(path: str | Path, expected_sha256: str | None = None, name: str | None = None) -> ChannelEncoder:
+    from .checkpoints import load_checkpoint
+
+    state, header, digest = load_checkpoint(path, expected_sha256)
+    config = header["config"]
+    arch = config.get("arch")
+    if arch not in _ARCH_BUILDERS:
+        raise MicrosnoopError(f"checkpoint architecture '{arch}' is not known; known: {', '.join(_ARCH_BUILDERS)}", path)
+    enc = _ARCH_BUILDERS[arch](config)
+    enc.load_weights(state, path)
+    enc.name = name or str(path)
+    enc.sha256 = digest
+    enc.header = header
+    return enc
+
+
+def create_model(name: str | Path | None = None, pretrained: bool = True, device: str | torch.device = "cpu") -> ChannelEncoder:
+    """Build a registered model by name (or load a checkpoint path), in eval mode on ``device``."""
+    name = str(name) if name is not None else default_model_name()
+    if name in _REGISTRY:
+        spec = _REGISTRY[name]
+        try:
+            enc = spec.build(pretrained)
+        except ImportError as exc:
+            hint = f"; install it with: {spec.requires}" if spec.requires else ""
+            raise MicrosnoopError(f"model '{name}' needs a missing package ({exc.name or exc}){hint}") from None
+        enc.name = name
+        enc.spec = spec
+        if spec.sha256 and enc.sha256 and enc.sha256 != spec.sha256:
+            raise MicrosnoopError(f"model '{name}': weights sha256 {enc.sha256[:12]}... does not match the "
+                                  f"registry's {spec.sha256[:12]}...")
+        if not spec.trained:
+            warnings.warn(f"model '{name}' is untrained (random weights): its embeddings are a floor for "
+                          f"comparison, not a representation to analyse", UserWarning, stacklevel=2)
+    elif Path(name).suffix == ".safetensors" or Path(name).exists():
+        enc = build_from_checkpoint(name)
+    else:
+        get_spec(name)  # raises the 'unknown model' error
+        raise AssertionError
+    return enc.eval().to(device)
