@@ -92,6 +92,20 @@ def embed_source(source: ImageSource, output: str | Path, *, model: str | None =
              "chunk_size": chunk_size, "n_images": len(source), "channels": source.channel_names,
              "precision": embedder.precision, "normalization": NORMALIZATION}
     check_state(work, state)
+    try:
+        files = _embed_chunks(source, embedder, ranges, work, progress)
+    except MicrosnoopError:
+        # bad input will not get better on resume: leave nothing behind
+        shutil.rmtree(work, ignore_errors=True)
+        raise
+    prov = provenance(embedder, source, command)
+    write_embeddings(output, source.metadata, _iter_chunks(files), source.channel_names, embedder.dim, prov, fmt)
+    shutil.rmtree(work, ignore_errors=True)
+    return output
+
+
+def _embed_chunks(source: ImageSource, embedder: Embedder, ranges: list[tuple[int, int]], work: Path,
+                  progress: Callable[[int], None] | None) -> list[Path]:
     files = []
     for k, (start, stop) in enumerate(ranges):
         path = work / f"chunk_{k:06d}.npy"
@@ -105,10 +119,7 @@ def embed_source(source: ImageSource, output: str | Path, *, model: str | None =
         save_npy_atomic(path, feats)
         if progress:
             progress(stop - start)
-    prov = provenance(embedder, source, command)
-    write_embeddings(output, source.metadata, _iter_chunks(files), source.channel_names, embedder.dim, prov, fmt)
-    shutil.rmtree(work, ignore_errors=True)
-    return output
+    return files
 
 
 def _iter_chunks(files: list[Path]) -> Iterator[np.ndarray]:

@@ -43,7 +43,6 @@ def read_image(path: str | Path) -> np.ndarray:
         raise
     except Exception as exc:  # decoders raise many types; the user needs the file and the reason
         raise MicrosnoopError(f"cannot decode image ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})", path) from None
-    arr = to_chw(arr, path)
-    if arr.size == 0:
-        raise MicrosnoopError("empty image (no pixels)", path)
-    return arr
+    if np.asarray(arr).size == 0:
+        raise MicrosnoopError("cannot decode image: empty or corrupt (no pixel data)", path)
+    return to_chw(arr, path)

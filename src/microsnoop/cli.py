@@ -1,0 +1,156 @@
+"""Command-line interface: parses options and calls the same functions as the Python API.
+
+Errors about the user's input are printed as one line (``error: FILE: problem``) with exit code 2.
+"""
+from __future__ import annotations
+
+import logging
+import shlex
+import sys
+import warnings
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from .errors import MicrosnoopError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Embed microscopy images (Microsnoop): single cells, whole fields and plates.")
+console = Console(stderr=True)
+log = logging.getLogger("microsnoop")
+
+
+def _split(value: Optional[str]) -> Optional[list[str]]:
+    return [v.strip() for v in value.split(",") if v.strip()] if value else None
+
+
+def command_line() -> str:
+    return "microsnoop " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+
+
+def progress_bar(total: int, label: str):
+    """A rich progress bar with images/s and ETA; returns (context manager, advance callback)."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+    from rich.text import Text
+
+    class Speed(ProgressColumn):
+        def render(self, task) -> Text:
+            return Text(f"{task.speed:7.1f} img/s" if task.speed else "    - img/s")
+
+    prog = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), Speed(),
+                    TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(), console=console)
+    task = prog.add_task(label, total=total)
+    return prog, lambda n: prog.advance(task, n)
+
+
+@app.callback()
+def _main(verbose: bool = typer.Option(False, "--verbose", "-v", help="Log details (device choice, timings).")) -> None:
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(message)s")
+    log.setLevel(logging.INFO)
+    # our own warnings (e.g. "model is untrained") as one plain line, not a source listing
+    warnings.formatwarning = lambda msg, cat, *a, **k: f"warning: {msg}\n"
+
+
+@app.command()
+def embed(
+    input: Path = typer.Argument(..., help=".npy/.npz (N,C,H,W), a folder of TIFF/PNG images, a CSV manifest, or one image."),
+    output: Path = typer.Option(..., "--output", "-o", help="Output file: .parquet, .h5 or .h5ad."),
+    model: Optional[str] = typer.Option(None, "--model", "-m", help="Registered model name (see `microsnoop models`) or a checkpoint path. Default: the shipped default model."),
+    fmt: Optional[str] = typer.Option(None, "--format", help="parquet | h5 | h5ad (default: from the output suffix)."),
+    channels: Optional[str] = typer.Option(None, "--channels", help="Folder input: channel tokens in file names, e.g. 'w1,w2,w3'. Manifest: channel names of FileName_<name> columns to use, in order."),
+    channel_names: Optional[str] = typer.Option(None, "--channel-names", help="Names for the channels, in order, e.g. DNA,Tubulin,Actin (default: dataset.json, tokens, or ch0,ch1...)."),
+    channel_index: Optional[str] = typer.Option(None, "--channel-index", help="Keep these planes of multi-channel files, e.g. 0,1 (drops an empty blue plane of RGB PNGs)."),
+    path_columns: Optional[str] = typer.Option(None, "--path-columns", help="Manifest: path columns, one per channel (default: all FileName_* columns)."),
+    metadata: Optional[Path] = typer.Option(None, "--metadata", help="Array input: metadata CSV (default: metadata.csv beside it)."),
+    chunk_size: int = typer.Option(1024, "--chunk-size", help="Images read and kept in memory at a time."),
+    batch_size: int = typer.Option(64, "--batch-size", help="One-channel planes per forward pass."),
+    device: str = typer.Option("auto", "--device", help="auto (CUDA, then MPS, then CPU) | cpu | cuda | cuda:N | mps."),
+    precision: str = typer.Option("fp32", "--precision", help="fp32 | bf16 | auto."),
+    resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run from its finished chunks."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output."),
+) -> None:
+    """Embed images: every channel separately, vectors concatenated in channel order (256 per channel)."""
+    from .embed import Embedder, embed_source
+    from .io import open_source
+
+    src = open_source(input, channels=_split(channels), channel_names=_split(channel_names),
+                      path_columns=_split(path_columns), channel_index=[int(i) for i in _split(channel_index) or []],
+                      metadata=metadata)
+    emb = Embedder(model, device=device, precision=precision, batch_size=batch_size)
+    log.info("model %s (sha256 %s), device %s, precision %s", emb.encoder.name, emb.encoder.sha256[:12], emb.device, emb.precision)
+    prog, advance = progress_bar(len(src), "embedding")
+    with prog:
+        out = embed_source(src, output, fmt=fmt, chunk_size=chunk_size, resume=resume, overwrite=overwrite,
+                           command=command_line(), progress=advance, embedder=emb)
+    console.print(f"wrote {len(src)} images x {len(src.channel_names) * emb.dim} features "
+                  f"({', '.join(src.channel_names)}) to {out}")
+
+
+@app.command()
+def models() -> None:
+    """List registered models: licence, training data, input size, sha256."""
+    from .models import default_model_name, list_models
+
+    table = Table(title="microsnoop models")
+    for col in ("name", "trained on", "input size", "licence", "sha256"):
+        table.add_column(col, overflow="fold")
+    default = default_model_name()
+    for spec in list_models():
+        name = spec.name + (" (default)" if spec.name == default else "") + ("" if spec.trained else " [untrained]")
+        table.add_row(name, spec.training_data, spec.input_size, spec.license, (spec.sha256 or "-")[:16])
+    Console().print(table)
+
+
+@app.command()
+def inspect(
+    input: Path = typer.Argument(..., help="Input to check before a long run (same forms as `embed`)."),
+    channels: Optional[str] = typer.Option(None, "--channels"),
+    path_columns: Optional[str] = typer.Option(None, "--path-columns"),
+    channel_index: Optional[str] = typer.Option(None, "--channel-index"),
+    group_by: Optional[str] = typer.Option(None, "--group-by", help="Metadata columns to count images by (default: Plate/Well-like columns)."),
+) -> None:
+    """Pre-flight check: files exist and decode, channel counts and shapes agree, no file used twice."""
+    from .io.inspect import inspect_source
+
+    report = inspect_source(input, channels=_split(channels), path_columns=_split(path_columns),
+                            channel_index=[int(i) for i in _split(channel_index) or []], group_by=_split(group_by))
+    out = Console()
+    out.print(report.summary())
+    if report.problems:
+        for p in report.problems[:50]:
+            out.print(f"[red]problem:[/red] {p}")
+        raise typer.Exit(2)
+
+
+@app.command()
+def doctor() -> None:
+    """Versions, available devices and a one-image self-test."""
+    from .doctor import run_doctor
+
+    ok = run_doctor(Console())
+    if not ok:
+        raise typer.Exit(1)
+
+
+@app.command("sample-data")
+def sample_data(output: Path = typer.Argument(Path("microsnoop-samples"), help="Folder to write the sample images to.")) -> None:
+    """Write real sample images (Cellpose test images shipped with scellseg) as per-channel TIFFs + masks."""
+    from .io.samples import export_samples
+
+    n = export_samples(output)
+    console.print(f"wrote {n} sample fields to {output} (channels: _nuclei.tif, _cyto.tif; masks in masks/)")
+
+
+def main() -> None:
+    try:
+        app()
+    except MicrosnoopError as exc:
+        console.print(f"[red]error:[/red] {exc}", markup=True, highlight=False, soft_wrap=True)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

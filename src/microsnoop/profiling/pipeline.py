@@ -1,0 +1,94 @@
+"""``microsnoop profile``: aggregate -> normalise -> sphere -> aggregate per treatment, on a file.
+
+The steps run in that order (each optional) on an embeddings/profiles file, and every step is
+appended to the output's provenance (``profiling`` list) after the input's own provenance.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import pandas as pd
+
+from ..errors import MicrosnoopError
+from .aggregate import aggregate, aggregate_step
+from .normalize import normalize, normalize_step
+from .sphere import sphere, sphere_step
+from .table import feature_columns, read_profiles, select_rows, write_profiles
+
+
+@dataclass
+class ProfileSettings:
+    """What ``profile`` does; the defaults sphere per plate on negative controls, the paper's recipe."""
+
+    controls: str | None = 'Metadata_Control == "negative"'
+    aggregate: Sequence[str] | None = None          # before normalising (e.g. cells/fields -> wells)
+    aggregate_method: str = "mean"
+    normalize: str | None = None                    # standardize | mad_robustize
+    normalize_by: Sequence[str] | None = ("Metadata_Plate",)
+    sphere: bool = False
+    sphere_by: Sequence[str] | None = ("Metadata_Plate",)  # None/empty: one global fit
+    sphere_epsilon: float | str = "knee"
+    treatment: Sequence[str] | None = None          # after sphering: aggregate per treatment
+    features: Sequence[str] | None = None
+    steps: list[dict[str, Any]] = field(default_factory=list)
+
+
+def _present(df: pd.DataFrame, by: Sequence[str] | None) -> list[str] | None:
+    """Batch columns that exist (a file without ``Metadata_Plate`` is one batch)."""
+    if not by:
+        return None
+    kept = [c for c in by if c in df.columns]
+    return kept or None
+
+
+def profile_frame(df: pd.DataFrame, s: ProfileSettings) -> tuple[pd.DataFrame, pd.DataFrame | None, list[dict]]:
+    """Run the steps on a frame; returns (well-level profiles, treatment profiles or None, step records)."""
+    feats = feature_columns(df, s.features)
+    steps: list[dict[str, Any]] = []
+    if s.aggregate:
+        n = len(df)
+        df = aggregate(df, s.aggregate, feats, s.aggregate_method)
+        steps.append(aggregate_step(s.aggregate, s.aggregate_method, n, len(df)))
+    if (s.normalize or s.sphere) and s.controls is None:
+        raise MicrosnoopError("normalising or sphering needs --controls (a query selecting negative controls)")
+    n_ctrl = int(select_rows(df, s.controls).sum()) if s.controls else 0
+    if s.controls and n_ctrl == 0:
+        raise MicrosnoopError(f"no profiles match the controls {s.controls!r}")
+    if s.normalize:
+        by = _present(df, s.normalize_by)
+        df = normalize(df, s.normalize, s.controls, by, feats)
+        steps.append(normalize_step(s.normalize, s.controls, by, n_ctrl))
+    if s.sphere:
+        by = _present(df, s.sphere_by)
+        df, fits = sphere(df, s.controls, by, feats, s.sphere_epsilon)
+        steps.append(sphere_step(s.controls, by, s.sphere_epsilon, fits))
+    treat = None
+    if s.treatment:
+        treat = aggregate(df, s.treatment, feats, s.aggregate_method)
+        steps.append(aggregate_step(s.treatment, s.aggregate_method, len(df), len(treat)))
+    return df, treat, steps
+
+
+def treatment_path(output: Path) -> Path:
+    return output.with_name(output.stem + ".treatments" + output.suffix)
+
+
+def run_profile(input: str | Path, output: str | Path, settings: ProfileSettings, overwrite: bool = False,
+                command: str | None = None) -> dict[str, Path]:
+    """Profile an embeddings file; writes ``output`` (and ``<output>.treatments.<ext>`` with a treatment level)."""
+    output = Path(output)
+    if output.exists() and not overwrite:
+        raise MicrosnoopError("output already exists (use --overwrite to replace it)", output)
+    df, feats, prov = read_profiles(input)
+    if settings.features is None:
+        settings.features = feats
+    wells, treat, steps = profile_frame(df, settings)
+    prov = {**prov, "profiling": list(prov.get("profiling", [])) + steps, "profiling_input": str(input)}
+    if command:
+        prov["profiling_command"] = command
+    out = {"profiles": write_profiles(output, wells, settings.features, prov)}
+    if treat is not None:
+        out["treatments"] = write_profiles(treatment_path(output), treat, settings.features, prov)
+    return out

@@ -1,0 +1,57 @@
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    if not SHARED.exists():
+        pytest.skip(f"shared data not found at {SHARED} (it sits beside the repo on dev machines and in CI)")
+    return SHARED
+
+
+@pytest.fixture(scope="session")
+def yeast(shared_data) -> Path:
+    return shared_data / "benchmarks" / "yeast_pci"
+
+
+def run_cli(args: list[str], capsys) -> tuple[int, str, str]:
+    """Run the CLI in-process like the console script does; returns (exit code, stdout, stderr)."""
+    from microsnoop.cli import main
+
+    old = sys.argv
+    sys.argv = ["microsnoop", *map(str, args)]
+    code = 0
+    try:
+        main()
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+    finally:
+        sys.argv = old
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+@pytest.fixture
+def cli(capsys):
+    return lambda *args: run_cli(list(args), capsys)
+
+
+@pytest.fixture(scope="session")
+def yeast_subset(yeast, tmp_path_factory) -> Path:
+    """First 96 yeast cells (real images) as a small array input, with their metadata rows and dataset.json."""
+    import shutil
+
+    import pandas as pd
+
+    d = tmp_path_factory.mktemp("yeast96")
+    np.save(d / "images.npy", np.load(yeast / "images.npy", mmap_mode="r")[:96])
+    pd.read_csv(yeast / "metadata.csv").iloc[:96].to_csv(d / "metadata.csv", index=False)
+    shutil.copy(yeast / "dataset.json", d / "dataset.json")
+    return d / "images.npy"
