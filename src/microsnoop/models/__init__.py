@@ -3,6 +3,8 @@ from .registry import ChannelEncoder, ModelSpec, create_model, default_model_nam
 
 from . import microsnoop_unet  # noqa: F401,E402  random-init (+ the U-Net architecture)
 from . import cellpose  # noqa: F401,E402  cellpose-encoder
+from . import effnet  # noqa: F401,E402  imagenet-effnet-lite0
+from . import handcrafted  # noqa: F401,E402  handcrafted
 
 __all__ = ["ChannelEncoder", "ModelSpec", "create_model", "default_model_name", "get_spec", "list_models",
            "register_model"]

@@ -66,8 +66,10 @@ class EffNetLite0Encoder(ChannelEncoder):
             raise MicrosnoopError(f"sha256 mismatch for EfficientNet-Lite0 weights ({digest[:12]}... != "
                                   f"{EFFNET_LITE0_SHA256[:12]}...)", path)
         state = torch.load(path, map_location="cpu", weights_only=True)
-        missing, unexpected = self.net.load_state_dict(state, strict=True), []
-        del missing, unexpected
+        try:
+            self.net.load_state_dict(state, strict=True)
+        except RuntimeError as exc:
+            raise MicrosnoopError(f"weights do not fit EfficientNet-Lite0: {str(exc)[:200]}", path) from None
         self.sha256 = digest
 
     def preprocess(self, x: torch.Tensor) -> torch.Tensor:
