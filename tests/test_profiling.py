@@ -170,3 +170,31 @@ def test_profiles_round_trip(tmp_path, suffix):
     assert names == feats and prov["steps"] == [{"step": "x"}]
     np.testing.assert_allclose(back[feats].to_numpy(), df[feats].to_numpy(), rtol=1e-6)
     assert list(back["Metadata_Well"].astype(str)) == list(df["Metadata_Well"])
+
+
+def test_profile_cli_sphere_and_treatments(tmp_path, cli):
+    rng = np.random.default_rng(3)
+    rows = []
+    for well in range(24):
+        ctrl = "negative" if well < 12 else "treated"
+        for field in range(2):
+            v = rng.normal(size=8) + (3.0 if ctrl == "treated" else 0.0)
+            rows.append({"Metadata_Plate": "P1", "Metadata_Well": f"W{well:02d}", "Metadata_Field": field,
+                         "Metadata_Control": ctrl, "Metadata_Dose": 0 if ctrl == "negative" else 1 + well % 3,
+                         **{f"DNA_emb_{j:03d}": v[j] for j in range(8)}})
+    df = pd.DataFrame(rows)
+    feats = [c for c in df.columns if "_emb_" in c]
+    src = write_profiles(tmp_path / "fields.parquet", df, feats, {"model": "m"})
+    out = tmp_path / "wells.parquet"
+    code, _, err = cli("profile", src, "-o", out, "--aggregate", "Metadata_Plate,Metadata_Well", "--normalize",
+                       "mad_robustize", "--sphere", "--treatment", "Metadata_Dose")
+    assert code == 0, err
+    wells, names, prov = read_profiles(out)
+    assert len(wells) == 24 and names == feats and prov["model"] == "m"
+    assert [st["step"] for st in prov["profiling"]] == ["aggregate", "normalize", "sphere", "aggregate"]
+    assert prov["profiling"][2]["fits"][0]["n_controls"] == 12
+    np.testing.assert_allclose(wells[wells["Metadata_Control"] == "negative"][feats].mean(), 0, atol=1e-5)
+    treat, _, _ = read_profiles(tmp_path / "wells.treatments.parquet")
+    assert sorted(treat["Metadata_Dose"]) == [0, 1, 2, 3]
+    code, _, err = cli("profile", src, "-o", tmp_path / "x.parquet", "--sphere", "--controls", "Metadata_Nope == 1")
+    assert code == 2 and "Metadata_Nope" in err

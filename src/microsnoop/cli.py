@@ -144,6 +144,29 @@ def sample_data(output: Path = typer.Argument(Path("microsnoop-samples"), help="
     console.print(f"wrote {n} sample fields to {output} (channels: _nuclei.tif, _cyto.tif; masks in masks/)")
 
 
+@app.command()
+def profile(
+    input: Path = typer.Argument(..., help="Embeddings/profiles file (.parquet, .h5, .h5ad) with Metadata_* columns."),
+    output: Path = typer.Option(..., "--output", "-o", help="Profiles out (.parquet, .h5, .h5ad); treatments go to <output>.treatments.<ext>."),
+    controls: str = typer.Option('Metadata_Control == "negative"', "--controls", help="pandas query selecting the negative controls."),
+    aggregate: Optional[str] = typer.Option(None, "--aggregate", help="First aggregate by these columns, e.g. Metadata_Plate,Metadata_Well."),
+    method: str = typer.Option("mean", "--method", help="Aggregation: mean | median."),
+    normalize: Optional[str] = typer.Option(None, "--normalize", help="Per-plate normalisation to the controls: standardize | mad_robustize."),
+    sphere: bool = typer.Option(False, "--sphere", help="ZCA-cor whitening fitted on the controls, regularised at the eigenvalue knee."),
+    sphere_by: str = typer.Option("Metadata_Plate", "--sphere-by", help="Batch columns for per-batch sphering; 'global' for one fit."),
+    treatment: Optional[str] = typer.Option(None, "--treatment", help="Finally aggregate per treatment by these columns."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output."),
+) -> None:
+    """Aggregate, normalise against negative controls, sphere and aggregate per treatment."""
+    from .profiling.pipeline import ProfileSettings, run_profile
+
+    s = ProfileSettings(controls=controls, aggregate=_split(aggregate), aggregate_method=method, normalize=normalize,
+                        sphere=sphere, sphere_by=None if sphere_by == "global" else _split(sphere_by),
+                        treatment=_split(treatment))
+    out = run_profile(input, output, s, overwrite=overwrite, command=command_line())
+    console.print("wrote " + ", ".join(f"{k} to {v}" for k, v in out.items()))
+
+
 def main() -> None:
     try:
         app()
