@@ -73,6 +73,15 @@ def scores(y_true: np.ndarray, y_pred: np.ndarray) -> tuple[float, float]:
     return float(accuracy_score(y_true, y_pred)), float(f1_score(y_true, y_pred, average="macro", zero_division=0))
 
 
+def sort_labels(values) -> list[str]:
+    """Class names in a readable order: numerically when every one is a number (0.0, 5.0, 15.0, 50.0)."""
+    uniq = set(values)
+    try:
+        return sorted(uniq, key=float)
+    except (TypeError, ValueError):
+        return sorted(uniq)
+
+
 def vote(neighbour_labels: list) -> Any:
     """Majority of the (nearest-first) neighbour labels; a tie goes to the tied label seen first, i.e. nearest."""
     counts: dict[Any, int] = {}
@@ -146,7 +155,7 @@ def run_knn(X: np.ndarray, meta: pd.DataFrame, protocol: dict[str, Any], default
     params = {"k": k, "reference": reference, "label": label_col, "exclude_same": exclude,
               "subset": protocol.get("subset")}
     return ProtocolResult("knn", params, acc, f1, int(scored.sum()), y_true, y_pred,
-                          sorted(set(y_true) | set(y_pred)), {"n_unscored": int((~scored).sum())})
+                          sort_labels(set(y_true) | set(y_pred)), {"n_unscored": int((~scored).sum())})
 
 
 def cv_splits(y: np.ndarray, folds: int, seed: int, groups: np.ndarray | None = None) -> list[tuple[np.ndarray, np.ndarray]]:
@@ -205,7 +214,7 @@ def run_mlp_cv(X: np.ndarray, meta: pd.DataFrame, protocol: dict[str, Any], defa
              "macro_f1_sd": float(np.std(f1s, ddof=1)) if folds > 1 else 0.0,
              "fold_accuracy": [round(a, 6) for a in accs]}
     return ProtocolResult("mlp_cv", params, float(np.mean(accs)), float(np.mean(f1s)), len(rows), y, y_pred,
-                          sorted(set(y) | set(y_pred)), extra)
+                          sort_labels(set(y) | set(y_pred)), extra)
 
 
 def run_protocol(X: np.ndarray, meta: pd.DataFrame, protocol: dict[str, Any], default_label: str) -> ProtocolResult:
