@@ -167,6 +167,31 @@ def profile(
     console.print("wrote " + ", ".join(f"{k} to {v}" for k, v in out.items()))
 
 
+@app.command()
+def benchmark(
+    datasets: List[Path] = typer.Argument(..., help="Benchmark set folders (images.npy, metadata.csv, dataset.json with protocols)."),
+    model: List[str] = typer.Option(..., "--model", "-m", help="Registered model or checkpoint; repeat for several."),
+    output: Path = typer.Option(..., "--output", "-o", help="Report folder (report.json, report.md, figures/, cache/)."),
+    plot: str = typer.Option("umap", "--plot", help="umap | pca | none: 2-D map of each set's embeddings."),
+    fields_mode: Optional[str] = typer.Option(None, "--fields-mode", help="Passed to the whole-field pipeline for sets of kind 'fields'."),
+    batch_size: int = typer.Option(64, "--batch-size"),
+    device: str = typer.Option("auto", "--device"),
+    precision: str = typer.Option("fp32", "--precision", help="fp32 | bf16 | auto."),
+) -> None:
+    """Score models on labelled sets (kNN, MLP cross-validation); embeddings cached per data + model sha256."""
+    from .evaluate import benchmark_and_report as run
+    from .evaluate.report import rich_tables
+
+    if plot not in ("umap", "pca", "none"):
+        raise MicrosnoopError(f"--plot must be umap, pca or none, not '{plot}'")
+    res, paths = run(datasets, model, output, plot=plot, device=device, precision=precision, batch_size=batch_size,
+                     fields_mode=fields_mode, progress_factory=progress_bar,
+                     notify=lambda m: console.print(f"[yellow]{m}[/yellow]", highlight=False))
+    for table in rich_tables(res):
+        Console().print(table)
+    console.print(f"wrote {len(res.records)} scores to {paths['json']} and {paths['md']}")
+
+
 def main() -> None:
     try:
         app()
