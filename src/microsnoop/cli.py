@@ -168,6 +168,45 @@ def profile(
 
 
 @app.command()
+def plate(
+    manifest: Path = typer.Argument(..., help="CellProfiler LoadData CSV: one row per field, FileName_<channel> + Metadata_* columns."),
+    output: Path = typer.Option(..., "--output", "-o", help="Output folder (cells/fields/wells/treatments tables, report.json, report.md)."),
+    model: Optional[str] = typer.Option(None, "--model", "-m", help="Registered model or checkpoint (default: the shipped default)."),
+    channels: Optional[str] = typer.Option(None, "--channels", help="Channels to embed, e.g. GFP,DNA (default: all FileName_* columns)."),
+    segment_channel: str = typer.Option("DNA", "--segment-channel", help="Channel to segment cells/nuclei on."),
+    segmenter: str = typer.Option("cellpose", "--segmenter", help="cellpose | classical."),
+    diameter: Optional[float] = typer.Option(None, "--diameter", help="Object diameter in pixels (default: estimated)."),
+    mode: str = typer.Option("crop", "--mode", help="crop | rescale | tile."),
+    rescale_constant: Optional[float] = typer.Option(None, "--rescale-constant", help="Rc of the cell-region crop."),
+    crop_size: Optional[int] = typer.Option(None, "--crop-size", help="Sta: crops are zero-padded to this size."),
+    max_cells: Optional[int] = typer.Option(None, "--max-cells", help="Embed at most this many cells per field (seeded random subset)."),
+    controls: str = typer.Option('Metadata_Control == "negative"', "--controls", help="pandas query selecting negative-control wells."),
+    positive: str = typer.Option('Metadata_Control == "positive"', "--positive", help="pandas query selecting positive-control wells ('' for none)."),
+    normalize: Optional[str] = typer.Option(None, "--normalize", help="standardize | mad_robustize against the negative controls, per plate."),
+    sphere: bool = typer.Option(True, "--sphere/--no-sphere", help="ZCA-cor sphering fitted on the negative controls (knee-regularised)."),
+    treatment: Optional[str] = typer.Option(None, "--treatment", help="Treatment columns (default: inferred, e.g. Metadata_RowBlock,Metadata_DoseIndex)."),
+    fmt: str = typer.Option("parquet", "--format", help="parquet | h5 | h5ad for the tables."),
+    save_cells: bool = typer.Option(False, "--save-cells", help="Also write the per-cell table."),
+    batch_size: int = typer.Option(64, "--batch-size"),
+    device: str = typer.Option("auto", "--device"),
+    precision: str = typer.Option("fp32", "--precision", help="fp32 | bf16 | auto."),
+    overwrite: bool = typer.Option(False, "--overwrite"),
+) -> None:
+    """A plate end to end: segment -> crop -> embed -> fields -> wells -> normalise/sphere -> report."""
+    from .pipelines.plate import PlateSettings, run_plate
+
+    s = PlateSettings(channels=_split(channels), segment_channel=segment_channel, segmenter=segmenter, diameter=diameter,
+                      mode=mode, rescale_constant=rescale_constant, crop_size=crop_size, max_cells=max_cells,
+                      model=model, batch_size=batch_size, device=device, precision=precision, controls=controls,
+                      positive=positive or None, normalize=normalize, sphere=sphere, treatment=_split(treatment),
+                      fmt=fmt, save_cells=save_cells)
+    res = run_plate(manifest, output, s, overwrite=overwrite, command=command_line())
+    r = res.report
+    console.print(f"{r.get('n_wells')} wells, Z' = {r.get('z_prime', float('nan')):.3f}, mean mAP = "
+                  f"{r.get('mean_map', float('nan')):.3f}; report in {res.files['report_md']}")
+
+
+@app.command()
 def benchmark(
     datasets: List[Path] = typer.Argument(..., help="Benchmark set folders (images.npy, metadata.csv, dataset.json with protocols)."),
     model: List[str] = typer.Option(..., "--model", "-m", help="Registered model or checkpoint; repeat for several."),
