@@ -226,8 +226,10 @@ def benchmark(
     res, paths = run(datasets, model, output, plot=plot, device=device, precision=precision, batch_size=batch_size,
                      fields_mode=fields_mode, progress_factory=progress_bar,
                      notify=lambda m: console.print(f"[yellow]{m}[/yellow]", highlight=False))
+    out = Console()
+    out = out if out.is_terminal else Console(width=160)  # logs/CI: do not squeeze the columns into 80
     for table in rich_tables(res):
-        Console().print(table)
+        out.print(table)
     console.print(f"wrote {len(res.records)} scores to {paths['json']} and {paths['md']}")
 
 
