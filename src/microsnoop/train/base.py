@@ -16,14 +16,21 @@ from ..models.registry import ChannelEncoder
 
 
 class PretextMethod:
-    """Interface every method implements.
+    """Interface every method implements (the contract ``train/loop.py`` relies on).
 
-    - ``build(config) -> nn.Module``: the full trainable model (encoder + whatever head the pretext needs).
-    - ``loss(model, batch) -> (loss tensor, dict of floats to log)``.
-    - ``make_dataset(...)``: what a batch holds (one-channel crops for MAE/DINO; protein/ID labels for
-      cytoself; same-image cell pairs for paired inpainting).
+    - ``defaults``: method-specific config keys and their default values (merged under the user's).
+    - ``build(config) -> nn.Module``: the full trainable model (encoder + whatever head the pretext
+      needs). Its ``forward`` is what the loss calls, so DDP can wrap it.
+    - ``make_dataset(pool, config, shard) -> torch Dataset``: item ``i`` is the whole batch for global
+      step ``i``, computed from ``(config["seed"], i, rank)`` only (see ``train/data.py``), so resume is
+      exact. ``pool`` is the loaded ``ImagePool``; ``shard = (rank, world_size)``. Batches for other
+      pretexts can hold protein/ID labels (cytoself) or same-image cell pairs (paired inpainting).
+    - ``loss(model, batch) -> (scalar loss tensor, dict of floats to log)``; runs under autocast.
+    - ``initialize(model, encoder) -> {"copied": n, "skipped": m}`` (optional): start from a registered
+      model's or checkpoint's weights (``--init``); ``load_matching`` below is the usual body.
     - ``to_encoder(model, config) -> ChannelEncoder``: the per-channel embedding head used by ``embed``.
-    The checkpoint's config has ``arch`` so ``create_model(path)`` rebuilds the encoder from it.
+      Its ``config`` must hold ``arch`` (a ``register_architecture`` name) so ``create_model(path)``
+      rebuilds it from the exported ``model.safetensors``.
     """
 
     name: str = ""
@@ -32,11 +39,29 @@ class PretextMethod:
     def build(self, config: dict[str, Any]) -> nn.Module:
         raise NotImplementedError
 
+    def make_dataset(self, pool: Any, config: dict[str, Any], shard: tuple[int, int] = (0, 1)) -> Any:
+        raise NotImplementedError
+
     def loss(self, model: nn.Module, batch: Any) -> tuple[torch.Tensor, dict[str, float]]:
         raise NotImplementedError
 
+    def initialize(self, model: nn.Module, encoder: nn.Module) -> dict[str, int]:
+        return load_matching(model, encoder.state_dict())
+
     def to_encoder(self, model: nn.Module, config: dict[str, Any]) -> ChannelEncoder:
         raise NotImplementedError
+
+
+def load_matching(model: nn.Module, state: dict[str, torch.Tensor]) -> dict[str, int]:
+    """Copy every tensor of ``state`` whose name and shape match ``model``'s; count what was copied."""
+    own = model.state_dict()
+    fit = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
+    if not fit:
+        from ..errors import MicrosnoopError
+
+        raise MicrosnoopError("--init weights share no tensor (name and shape) with the model being trained")
+    model.load_state_dict(fit, strict=False)
+    return {"copied": len(fit), "kept": len(own) - len(fit)}
 
 
 @dataclass

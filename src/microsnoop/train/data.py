@@ -1,0 +1,179 @@
+"""One-channel image pool for self-supervised pretraining, with step-indexed deterministic batches.
+
+Every channel of every image is a sample (the paper's channel-wise pool). A batch is drawn from one
+modality at a time, in turn (``manifest.csv``'s ``modality`` column), so that scarce image types
+(tissue, histopathology) are not drowned by the abundant fluorescence fields.
+
+Why step-indexed: batch ``i`` is generated from ``numpy.random.default_rng((seed, i))`` alone, so
+the stream of batches does not depend on DataLoader workers, prefetching or where a run was
+interrupted. ``--resume`` therefore sees exactly the batches the uninterrupted run would have seen.
+"""
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ..errors import MicrosnoopError
+
+IMAGE_SUFFIXES = (".tif", ".tiff", ".png", ".jpg", ".jpeg", ".bmp", ".npy")
+
+
+@dataclass
+class PoolEntry:
+    path: str
+    modality: str
+    channel: int
+
+
+def _manifest_rows(data_path: Path) -> tuple[list[tuple[str, str]], Path, bytes]:
+    """(relative path, modality) rows plus the folder they are relative to and the bytes hashed."""
+    import pandas as pd
+
+    manifest = data_path / "manifest.csv" if data_path.is_dir() else data_path
+    if manifest.exists() and manifest.suffix == ".csv":
+        df = pd.read_csv(manifest)
+        if "path" not in df.columns:
+            raise MicrosnoopError("manifest has no 'path' column", manifest)
+        mods = df["modality"].astype(str) if "modality" in df.columns else ["all"] * len(df)
+        return list(zip(df["path"].astype(str), mods)), manifest.parent, manifest.read_bytes()
+    if not data_path.is_dir():
+        raise MicrosnoopError("training data must be a folder of images or a manifest.csv", data_path)
+    files = sorted(p for p in data_path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+    if not files:
+        raise MicrosnoopError("no images found (looked for " + ", ".join(IMAGE_SUFFIXES) + ")", data_path)
+    rows = [(str(p.relative_to(data_path)), "all") for p in files]
+    listing = "\n".join(f"{r}\t{p.stat().st_size}" for (r, _), p in zip(rows, files)).encode()
+    return rows, data_path, listing
+
+
+class ImagePool:
+    """All channels of all images in memory (native dtype) with their per-plane 1st/99th percentiles."""
+
+    def __init__(self, data_path: str | Path, holdout_per_modality: int = 0, seed: int = 0,
+                 limit: int | None = None):
+        from ..io.images import read_image
+
+        data_path = Path(data_path)
+        if not data_path.exists():
+            raise MicrosnoopError("training data not found", data_path)
+        rows, root, hashed = _manifest_rows(data_path)
+        self.manifest_sha256 = hashlib.sha256(hashed).hexdigest()
+        self.holdout = _pick_holdout(rows, holdout_per_modality, seed)
+        rows = [r for r in rows if r[0] not in self.holdout]
+        if limit is not None:
+            rows = rows[:limit]
+        self.root = root
+        self.entries: list[PoolEntry] = []
+        self.planes: list[np.ndarray] = []
+        self.ranges: list[tuple[float, float]] = []
+        for rel, modality in rows:
+            img = read_image(root / rel)
+            for c in range(img.shape[0]):
+                plane = np.ascontiguousarray(img[c])
+                lo, hi = np.percentile(plane, [1.0, 99.0])
+                if hi <= lo:  # blank plane: nothing to reconstruct
+                    continue
+                self.entries.append(PoolEntry(rel, modality, c))
+                self.planes.append(plane)
+                self.ranges.append((float(lo), float(hi)))
+        if not self.entries:
+            raise MicrosnoopError("no usable (non-constant) image planes", data_path)
+        self.modalities = sorted({e.modality for e in self.entries})
+        self.by_modality = {m: np.array([i for i, e in enumerate(self.entries) if e.modality == m])
+                            for m in self.modalities}
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def counts(self) -> dict[str, int]:
+        return {m: len(v) for m, v in self.by_modality.items()}
+
+
+def _pick_holdout(rows: Sequence[tuple[str, str]], per_modality: int, seed: int) -> list[str]:
+    """A seeded choice of files per modality kept out of training (for reconstruction figures)."""
+    if per_modality <= 0:
+        return []
+    rng = np.random.default_rng((seed, 7919))
+    out: list[str] = []
+    for m in sorted({mod for _, mod in rows}):
+        paths = sorted(p for p, mod in rows if mod == m)
+        if len(paths) > per_modality:
+            out += [paths[i] for i in sorted(rng.choice(len(paths), per_modality, replace=False))]
+    return out
+
+
+def augment_crop(plane: np.ndarray, lo: float, hi: float, size: int, rng: np.random.Generator,
+                 scale_range: tuple[float, float] = (0.75, 1.5)) -> np.ndarray:
+    """Random scale -> random crop (zero pad if smaller) -> percentile normalisation -> rot90/flip.
+
+    Scaling is done by cropping ``size / s`` pixels and resizing to ``size`` so the work is per crop,
+    not per (up to 1024 px) image.
+    """
+    s = float(np.exp(rng.uniform(np.log(scale_range[0]), np.log(scale_range[1]))))
+    c = max(8, int(round(size / s)))
+    h, w = plane.shape
+    y0 = int(rng.integers(0, max(h - c, 0) + 1))
+    x0 = int(rng.integers(0, max(w - c, 0) + 1))
+    crop = (plane[y0:y0 + c, x0:x0 + c].astype(np.float32) - lo) / (hi - lo)
+    if crop.shape != (c, c):  # image smaller than the crop: zero-pad (centred) like the embedder does
+        out = np.zeros((c, c), np.float32)
+        oy, ox = (c - crop.shape[0]) // 2, (c - crop.shape[1]) // 2
+        out[oy:oy + crop.shape[0], ox:ox + crop.shape[1]] = crop
+        crop = out
+    if c != size:
+        t = torch.from_numpy(crop)[None, None]
+        crop = F.interpolate(t, size=(size, size), mode="bilinear", align_corners=False,
+                             antialias=c > size)[0, 0].numpy()
+    crop = np.rot90(crop, int(rng.integers(0, 4)))
+    if rng.random() < 0.5:
+        crop = crop[:, ::-1]
+    return np.ascontiguousarray(crop, dtype=np.float32)
+
+
+class StepBatches(torch.utils.data.Dataset):
+    """Map-style dataset whose item ``i`` is the whole batch for global step ``i``.
+
+    Batch ``i`` comes from modality ``i % n_modalities`` (in turn), sampled with replacement.
+    ``extra(batch_images, rng)`` lets a method add its own fields (e.g. the MAE mask) from the same
+    per-step generator, keeping everything a pure function of (seed, step).
+    """
+
+    def __init__(self, pool: ImagePool, batch_size: int, input_size: int, seed: int,
+                 scale_range: tuple[float, float] = (0.75, 1.5), extra: Any = None, shard: tuple[int, int] = (0, 1)):
+        self.pool, self.batch_size, self.input_size, self.seed = pool, batch_size, input_size, seed
+        self.scale_range, self.extra, self.shard = scale_range, extra, shard
+
+    def __len__(self) -> int:  # steps are unbounded; the sampler decides which ones are drawn
+        return 2 ** 62
+
+    def __getitem__(self, step: int) -> dict[str, torch.Tensor]:
+        rank, world = self.shard
+        rng = np.random.default_rng((self.seed, int(step), rank))
+        # every rank uses the same modality for a given step, so DDP batches stay balanced
+        modality = self.pool.modalities[int(step) % len(self.pool.modalities)]
+        idx = rng.choice(self.pool.by_modality[modality], self.batch_size, replace=True)
+        crops = [augment_crop(self.pool.planes[i], *self.pool.ranges[i], self.input_size, rng, self.scale_range)
+                 for i in idx]
+        batch = {"image": torch.from_numpy(np.stack(crops)[:, None]), "step": torch.tensor(int(step))}
+        if self.extra is not None:
+            batch.update(self.extra(batch["image"], rng))
+        return batch
+
+
+def step_loader(dataset: StepBatches, start: int, stop: int, workers: int = 1, prefetch: int = 4) -> Iterator[dict]:
+    """Batches for steps ``start..stop-1`` in order, built by ``workers`` processes ahead of the model."""
+    loader = torch.utils.data.DataLoader(
+        dataset, batch_size=None, sampler=range(start, stop), num_workers=workers,
+        prefetch_factor=prefetch if workers > 0 else None, persistent_workers=False,
+        worker_init_fn=_worker_init if workers > 0 else None)
+    return iter(loader)
+
+
+def _worker_init(_: int) -> None:
+    torch.set_num_threads(1)  # crops are small; one thread per worker leaves the cores to the model
