@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 from collections import defaultdict
+from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import numpy as np
@@ -18,6 +20,7 @@ import torch.nn.functional as F
 
 from ..errors import MicrosnoopError
 from ..models import ChannelEncoder, create_model
+from .fused import fast_module
 from .normalize import normalize_percentile
 
 log = logging.getLogger("microsnoop")
@@ -36,6 +39,7 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
             dev = torch.device("mps")
         else:
             dev = torch.device("cpu")
+        dev = _local_gpu(dev)
         log.info("device: %s (auto)", dev)
         return dev
     try:
@@ -44,6 +48,13 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
         raise MicrosnoopError(f"unknown device '{device}' (use auto, cpu, cuda, cuda:N or mps)") from None
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise MicrosnoopError("--device cuda asked for, but no CUDA GPU is available")
+    return _local_gpu(dev)
+
+
+def _local_gpu(dev: torch.device) -> torch.device:
+    """Under torchrun each rank takes the GPU of its LOCAL_RANK when no index was given."""
+    if dev.type == "cuda" and dev.index is None and "LOCAL_RANK" in os.environ:
+        return torch.device("cuda", int(os.environ["LOCAL_RANK"]) % max(1, torch.cuda.device_count()))
     return dev
 
 
@@ -57,10 +68,61 @@ def autocast_for(device: torch.device, precision: str):
     raise MicrosnoopError(f"unknown precision '{precision}' (fp32, bf16, fp16 or auto)")
 
 
-def resolve_precision(precision: str, device: torch.device) -> str:
+def cpu_has_native_bf16() -> bool:
+    """True on CPUs with bf16 dot-product instructions (AVX512-BF16, AMX, Arm BF16).
+
+    Without them bf16 is emulated and slower than fp32, so ``auto`` must not pick it there."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    flags: set[str] = set()
+    for line in text.splitlines():
+        if line.startswith(("flags", "Features")):
+            flags.update(line.split(":", 1)[1].split())
+    return bool(flags & {"avx512_bf16", "amx_bf16", "bf16"})
+
+
+# architectures whose bf16 embeddings stay within cosine 0.999 of fp32 on real images
+# (tests/test_speed.py checks random-init and cellpose-encoder on real cells and fields)
+BF16_VALIDATED_ARCHS = {"unet"}
+
+
+def resolve_precision(precision: str, device: torch.device, encoder: ChannelEncoder | None = None) -> str:
+    """``auto`` = bf16 where the hardware runs it natively and the architecture is validated, else fp32."""
+    if precision not in ("auto", "fp32", "bf16", "fp16"):
+        raise MicrosnoopError(f"unknown precision '{precision}' (fp32, bf16, fp16 or auto)")
     if precision != "auto":
         return precision
-    return "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
+    arch = (getattr(encoder, "config", None) or {}).get("arch") if encoder is not None else "unet"
+    if arch not in BF16_VALIDATED_ARCHS:
+        return "fp32"
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
+    if device.type == "cpu":
+        return "bf16" if cpu_has_native_bf16() else "fp32"
+    return "fp32"
+
+
+def default_threads() -> int:
+    """CPUs this process may use, shared between the ranks torchrun starts on this node."""
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS, Windows
+        cpus = os.cpu_count() or 1
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1)
+    return max(1, cpus // max(1, local))
+
+
+def configure_threads(threads: int | None = None) -> int:
+    """Set torch's intra-op threads to the CPUs we may use (oversubscribing a 2-core laptop, or
+    N torchrun ranks each taking every core, costs more than it gains)."""
+    n = int(threads) if threads else default_threads()
+    if n < 1:
+        raise MicrosnoopError("--threads must be at least 1")
+    if torch.get_num_threads() != n:
+        torch.set_num_threads(n)
+    return n
 
 
 def check_finite(arr: np.ndarray, name: Callable[[int], str], offset: int = 0) -> None:
@@ -83,21 +145,37 @@ def pad_to_min(planes: np.ndarray, min_size: int) -> np.ndarray:
 
 
 class Embedder:
-    """An encoder bound to a device and precision; ``embed`` maps images to (N, C * dim) features."""
+    """An encoder bound to a device and precision; ``embed`` maps images to (N, C * dim) features.
+
+    Speed (see docs/scaling.md): the U-Net runs as a BN-folded, channels-last module under
+    ``torch.inference_mode``, with bf16 weights when the precision is bf16; same-size images are
+    batched. Batch invariance: in fp32 an image's vector matches its vector alone to ~1e-6; in bf16
+    to a cosine of ~0.9999 (oneDNN may pick other kernels for other batch sizes)."""
 
     def __init__(self, model: str | ChannelEncoder | None = None, device: str | torch.device = "auto",
-                 precision: str = "fp32", batch_size: int = 64):
+                 precision: str = "fp32", batch_size: int = 64, threads: int | None = None):
         self.device = resolve_device(device)
+        if self.device.type == "cpu":
+            configure_threads(threads)
         self.encoder = model if isinstance(model, ChannelEncoder) else create_model(model, device=self.device)
         self.encoder = self.encoder.to(self.device).eval()
-        self.precision = resolve_precision(precision, self.device)
+        self.precision = resolve_precision(precision, self.device, self.encoder)
         self.batch_size = int(batch_size)
         if self.batch_size < 1:
             raise MicrosnoopError("--batch-size must be at least 1")
+        self._module: torch.nn.Module | None = None
+        self._autocast = self.precision != "fp32"
 
     @property
     def dim(self) -> int:
         return self.encoder.dim
+
+    @property
+    def module(self) -> torch.nn.Module:
+        """The optimised module (built on first use, so weights loaded after construction count)."""
+        if self._module is None:
+            self._module, self._autocast = fast_module(self.encoder, self.device, self.precision)
+        return self._module
 
     def provenance(self) -> dict[str, Any]:
         return {**self.encoder.provenance(), "precision": self.precision, "device": str(self.device.type)}
@@ -106,45 +184,69 @@ class Embedder:
         """(P, H, W) normalised float32 planes of one size -> (P, dim)."""
         planes = pad_to_min(planes, self.encoder.min_size)
         out = np.empty((len(planes), self.dim), dtype=np.float32)
-        with torch.inference_mode(), autocast_for(self.device, self.precision):
+        module = self.module
+        ctx = autocast_for(self.device, self.precision) if self._autocast else contextlib.nullcontext()
+        dtype = next(module.parameters()).dtype if any(True for _ in module.parameters()) else torch.float32
+        with torch.inference_mode(), ctx:
             for s in range(0, len(planes), self.batch_size):
-                x = torch.from_numpy(np.ascontiguousarray(planes[s:s + self.batch_size]))[:, None].to(self.device)
-                out[s:s + len(x)] = self.encoder(x).float().cpu().numpy()
+                x = torch.from_numpy(np.ascontiguousarray(planes[s:s + self.batch_size]))[:, None]
+                x = x.to(self.device, non_blocking=True).contiguous(memory_format=torch.channels_last)
+                if dtype in (torch.bfloat16, torch.float16):
+                    x = x.to(dtype)
+                out[s:s + len(x)] = module(x).float().cpu().numpy()
+        return out
+
+    def prepare(self, images: np.ndarray | Sequence[np.ndarray], name: Callable[[int], str] | None = None,
+                offset: int = 0) -> "Prepared":
+        """Validate and normalise a chunk (CPU, numpy): the part a loader thread can do ahead of compute."""
+        name = name or (lambda i: f"image {i}")
+        if isinstance(images, np.ndarray) and images.ndim == 4:
+            n, c = images.shape[:2]
+            check_finite(images, name, offset)
+            if 0 in images.shape:
+                raise MicrosnoopError(f"empty image of shape {images.shape[1:]}", name(offset))
+            return Prepared(n, c, [(np.arange(n), normalize_percentile(images))])
+        images = list(images)
+        n = len(images)
+        if n == 0:
+            return Prepared(0, 0, [])
+        c = images[0].shape[0]
+        by_shape: dict[tuple, list[int]] = defaultdict(list)
+        for i, img in enumerate(images):
+            if img.ndim != 3:
+                raise MicrosnoopError(f"expected a (C, H, W) image, got shape {img.shape}", name(offset + i))
+            if img.shape[0] != c:
+                raise MicrosnoopError(f"has {img.shape[0]} channels but the first image has {c}", name(offset + i))
+            if img.size == 0:
+                raise MicrosnoopError("empty image (no pixels)", name(offset + i))
+            check_finite(img[None], lambda _: name(offset + i))
+            by_shape[img.shape[1:]].append(i)
+        groups = [(np.array(ix), normalize_percentile(np.stack([images[i] for i in ix]))) for ix in by_shape.values()]
+        return Prepared(n, c, groups)
+
+    def encode(self, prepared: "Prepared") -> np.ndarray:
+        """Run the encoder on a prepared chunk -> (N, C * dim) float32 in input order."""
+        if prepared.n == 0:
+            return np.zeros((0, 0), np.float32)
+        out = np.empty((prepared.n, prepared.c * self.dim), dtype=np.float32)
+        for ix, arr in prepared.groups:
+            planes = arr.reshape(-1, *arr.shape[2:])
+            out[ix] = self.encode_planes(planes).reshape(len(ix), prepared.c * self.dim)
         return out
 
     def embed(self, images: np.ndarray | Sequence[np.ndarray], name: Callable[[int], str] | None = None,
               offset: int = 0) -> np.ndarray:
         """(N, C, H, W) array or a list of (C, H, W) arrays (sizes may differ) -> (N, C * dim) float32."""
-        name = name or (lambda i: f"image {i}")
-        if isinstance(images, np.ndarray) and images.ndim == 4:
-            groups = {images.shape[2:]: (np.arange(len(images)), images)}
-            n, c = images.shape[:2]
-            check_finite(images, name, offset)
-        else:
-            images = list(images)
-            n = len(images)
-            if n == 0:
-                return np.zeros((0, 0), np.float32)
-            c = images[0].shape[0]
-            by_shape: dict[tuple, list[int]] = defaultdict(list)
-            for i, img in enumerate(images):
-                if img.ndim != 3:
-                    raise MicrosnoopError(f"expected a (C, H, W) image, got shape {img.shape}", name(offset + i))
-                if img.shape[0] != c:
-                    raise MicrosnoopError(f"has {img.shape[0]} channels but the first image has {c}", name(offset + i))
-                if img.size == 0:
-                    raise MicrosnoopError("empty image (no pixels)", name(offset + i))
-                check_finite(img[None], lambda _: name(offset + i))
-                by_shape[img.shape[1:]].append(i)
-            groups = {s: (np.array(ix), np.stack([images[i] for i in ix])) for s, ix in by_shape.items()}
-        out = np.empty((n, c * self.dim), dtype=np.float32)
-        for _, (ix, arr) in groups.items():
-            if 0 in arr.shape:
-                raise MicrosnoopError(f"empty image of shape {arr.shape[1:]}", name(offset + int(ix[0])))
-            planes = normalize_percentile(arr).reshape(-1, *arr.shape[2:])
-            feats = self.encode_planes(planes).reshape(len(ix), c * self.dim)
-            out[ix] = feats
-        return out
+        return self.encode(self.prepare(images, name, offset))
+
+
+class Prepared:
+    """A normalised chunk: (indices, (n_i, C, H, W) float32) per image size."""
+
+    __slots__ = ("n", "c", "groups")
+
+    def __init__(self, n: int, c: int, groups: list[tuple[np.ndarray, np.ndarray]]):
+        self.n, self.c, self.groups = n, c, groups
 
 
 def embed_images(images: np.ndarray | Sequence[np.ndarray], model: str | ChannelEncoder | None = None, *,

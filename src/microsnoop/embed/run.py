@@ -1,15 +1,18 @@
 """Streaming, resumable embedding of an image source into one output file.
 
 Chunks of ``chunk_size`` images are read, embedded and saved to ``OUT.partial/chunk_NNNNNN.npy``
-(each written atomically), so peak memory is one chunk and a killed run restarted with
-``resume=True`` skips the chunks already on disk. The output is assembled from the chunk files into
+(each written atomically, then listed in a journal), so peak memory is about two chunks (the one
+being embedded and the one the loader thread prepares) and a killed run restarted with
+``resume=True`` skips the chunks already done. The output is assembled from the chunk files into
 a temp file and renamed; only then is the partial folder removed.
 """
 from __future__ import annotations
 
 import json
+import queue
 import shutil
 import sys
+import threading
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -20,6 +23,7 @@ from ..errors import MicrosnoopError
 from ..io.atomic import atomic_path, save_npy_atomic
 from ..io.readers import ImageSource
 from ..io.writers import format_for, write_embeddings
+from . import distributed as dist
 from .engine import PADDING, Embedder
 from .normalize import NORMALIZATION
 
@@ -80,46 +84,105 @@ def embed_source(source: ImageSource, output: str | Path, *, model: str | None =
                  chunk_size: int = 1024, batch_size: int = 64, device: str = "auto", precision: str = "fp32",
                  resume: bool = False, overwrite: bool = False, command: str | None = None,
                  progress: Callable[[int], None] | None = None, embedder: Embedder | None = None) -> Path:
-    """Embed every image of ``source`` into ``output`` (.parquet/.h5/.h5ad); returns the output path."""
+    """Embed every image of ``source`` into ``output`` (.parquet/.h5/.h5ad); returns the output path.
+
+    Under torchrun (WORLD_SIZE > 1) every rank embeds its share of the chunks and rank 0 merges
+    them (see ``distributed``); other ranks return once their shards are on disk."""
     output = Path(output)
     fmt = format_for(output, fmt)
     if chunk_size < 1:
         raise MicrosnoopError("--chunk-size must be at least 1")
-    work = prepare_output(output, overwrite, resume)
     embedder = embedder or Embedder(model, device=device, precision=precision, batch_size=batch_size)
+    d = dist.init(embedder.device)
+    work = partial_dir(output)
     ranges = chunk_ranges(len(source), chunk_size)
     state = {"input": source.fingerprint(), "model_sha256": embedder.encoder.sha256, "model": embedder.encoder.name,
              "chunk_size": chunk_size, "n_images": len(source), "channels": source.channel_names,
              "precision": embedder.precision, "normalization": NORMALIZATION}
-    check_state(work, state)
+    if d.main:
+        work = prepare_output(output, overwrite, resume)
+        check_state(work, state)
+    dist.barrier(d)
     try:
-        files = _embed_chunks(source, embedder, ranges, work, progress)
+        files = _embed_chunks(source, embedder, ranges, work, progress if d.main else None, d)
     except MicrosnoopError:
         # bad input will not get better on resume: leave nothing behind
         shutil.rmtree(work, ignore_errors=True)
         raise
-    prov = provenance(embedder, source, command)
-    write_embeddings(output, source.metadata, _iter_chunks(files), source.channel_names, embedder.dim, prov, fmt)
-    shutil.rmtree(work, ignore_errors=True)
+    dist.barrier(d)
+    if d.main:
+        prov = provenance(embedder, source, command, world_size=d.world)
+        write_embeddings(output, source.metadata, _iter_chunks(files), source.channel_names, embedder.dim, prov, fmt)
+        shutil.rmtree(work, ignore_errors=True)
+    dist.barrier(d)
+    dist.finish(d)
     return output
 
 
 def _embed_chunks(source: ImageSource, embedder: Embedder, ranges: list[tuple[int, int]], work: Path,
-                  progress: Callable[[int], None] | None) -> list[Path]:
-    files = []
-    for k, (start, stop) in enumerate(ranges):
-        path = work / f"chunk_{k:06d}.npy"
-        files.append(path)
-        if path.exists():
-            if progress:
-                progress(stop - start)
-            continue
-        images = source.read(start, stop)
-        feats = embedder.embed(images, name=source.name, offset=start)
-        save_npy_atomic(path, feats)
+                  progress: Callable[[int], None] | None, d: dist.Dist = dist.Dist()) -> list[Path]:
+    """Embed this rank's unfinished chunks; a loader thread reads and normalises chunk k+1 while
+    the encoder runs on chunk k. Returns every chunk's shard path, in input order."""
+    files = [work / f"chunk_{k:06d}.npy" for k in range(len(ranges))]
+    done = {k for k in dist.finished_chunks(work) if k < len(files) and files[k].exists()}
+    todo = [k for k in range(len(ranges)) if k not in done and d.owns(k)]
+    if progress:
+        progress(sum(stop - start for k, (start, stop) in enumerate(ranges) if k in done))
+        left = sum(stop - start for k, (start, stop) in enumerate(ranges) if k not in done)
+        mine = sum(ranges[k][1] - ranges[k][0] for k in todo)
+        scale = left / mine if mine else 1.0  # rank 0 reports for all ranks, assuming equal speed
+
+    def load(k: int):
+        start, stop = ranges[k]
+        return embedder.prepare(source.read(start, stop), name=source.name, offset=start)
+
+    for k, prepared in prefetch(load, todo):
+        feats = embedder.encode(prepared)
+        save_npy_atomic(files[k], feats)
+        dist.record(work, d, k, *ranges[k])
         if progress:
-            progress(stop - start)
+            progress(round((ranges[k][1] - ranges[k][0]) * scale))
     return files
+
+
+def prefetch(load: Callable[[int], Any], keys: list[int], depth: int = 1) -> Iterator[tuple[int, Any]]:
+    """Yield (key, load(key)) in order, computing up to ``depth`` items ahead in a thread.
+
+    numpy's reading, percentile and copies release the GIL, so on a CPU the loader overlaps the
+    encoder; on a GPU it hides all of the host-side work. Errors surface in the caller, in order."""
+    if not keys:
+        return
+    q: queue.Queue = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+
+    def worker() -> None:
+        for k in keys:
+            if stop.is_set():
+                return
+            try:
+                item = (k, load(k), None)
+            except BaseException as exc:  # handed to the consumer, which re-raises it
+                item = (k, None, exc)
+            while not stop.is_set():
+                try:
+                    q.put(item, timeout=0.1)
+                    break
+                except queue.Full:
+                    continue
+            if item[2] is not None:
+                return
+
+    t = threading.Thread(target=worker, name="microsnoop-loader", daemon=True)
+    t.start()
+    try:
+        for _ in keys:
+            k, value, exc = q.get()
+            if exc is not None:
+                raise exc
+            yield k, value
+    finally:
+        stop.set()
+        t.join(timeout=5)
 
 
 def _iter_chunks(files: list[Path]) -> Iterator[np.ndarray]:
