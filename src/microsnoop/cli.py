@@ -5,6 +5,7 @@ Errors about the user's input are printed as one line (``error: FILE: problem``)
 from __future__ import annotations
 
 import logging
+import os
 import shlex
 import sys
 import warnings
@@ -68,7 +69,8 @@ def embed(
     chunk_size: int = typer.Option(1024, "--chunk-size", help="Images read and kept in memory at a time."),
     batch_size: int = typer.Option(64, "--batch-size", help="One-channel planes per forward pass."),
     device: str = typer.Option("auto", "--device", help="auto (CUDA, then MPS, then CPU) | cpu | cuda | cuda:N | mps."),
-    precision: str = typer.Option("fp32", "--precision", help="fp32 | bf16 | auto."),
+    precision: str = typer.Option("fp32", "--precision", help="fp32 | bf16 | auto (bf16 on CPUs with native bf16 and on CUDA, for validated models; else fp32)."),
+    threads: Optional[int] = typer.Option(None, "--threads", help="CPU threads per process (default: the CPUs available, divided among torchrun's local ranks)."),
     resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run from its finished chunks."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output."),
 ) -> None:
@@ -79,12 +81,14 @@ def embed(
     src = open_source(input, channels=_split(channels), channel_names=_split(channel_names),
                       path_columns=_split(path_columns), channel_index=[int(i) for i in _split(channel_index) or []],
                       metadata=metadata)
-    emb = Embedder(model, device=device, precision=precision, batch_size=batch_size)
+    emb = Embedder(model, device=device, precision=precision, batch_size=batch_size, threads=threads)
     log.info("model %s (sha256 %s), device %s, precision %s", emb.encoder.name, emb.encoder.sha256[:12], emb.device, emb.precision)
     prog, advance = progress_bar(len(src), "embedding")
     with prog:
         out = embed_source(src, output, fmt=fmt, chunk_size=chunk_size, resume=resume, overwrite=overwrite,
                            command=command_line(), progress=advance, embedder=emb)
+    if os.environ.get("RANK", "0") != "0":  # torchrun: rank 0 merged and reports
+        return
     console.print(f"wrote {len(src)} images x {len(src.channel_names) * emb.dim} features "
                   f"({', '.join(src.channel_names)}) to {out}")
 
