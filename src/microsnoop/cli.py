@@ -67,7 +67,7 @@ def embed(
     path_columns: Optional[str] = typer.Option(None, "--path-columns", help="Manifest: path columns, one per channel (default: all FileName_* columns)."),
     metadata: Optional[Path] = typer.Option(None, "--metadata", help="Array input: metadata CSV (default: metadata.csv beside it)."),
     chunk_size: int = typer.Option(1024, "--chunk-size", help="Images read and kept in memory at a time."),
-    batch_size: int = typer.Option(64, "--batch-size", help="One-channel planes per forward pass."),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", help="One-channel planes per forward pass (default: auto, ~1M pixels: 256 planes of 64x64, 20 of 224x224)."),
     device: str = typer.Option("auto", "--device", help="auto (CUDA, then MPS, then CPU) | cpu | cuda | cuda:N | mps."),
     precision: str = typer.Option("fp32", "--precision", help="fp32 | bf16 | auto (bf16 on CPUs with native bf16 and on CUDA, for validated models; else fp32)."),
     threads: Optional[int] = typer.Option(None, "--threads", help="CPU threads per process (default: the CPUs available, divided among torchrun's local ranks)."),
