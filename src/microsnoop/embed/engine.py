@@ -25,6 +25,8 @@ from .normalize import normalize_percentile
 
 log = logging.getLogger("microsnoop")
 
+BATCH_PIXELS = 256 * 64 * 64  # automatic batch: ~1M pixels per forward (~130 MB per bf16 activation)
+MAX_AUTO_BATCH = 512
 PADDING = "images smaller than the model's minimum size are zero-padded (centred); no resizing"
 
 
@@ -153,15 +155,15 @@ class Embedder:
     to a cosine of ~0.9999 (oneDNN may pick other kernels for other batch sizes)."""
 
     def __init__(self, model: str | ChannelEncoder | None = None, device: str | torch.device = "auto",
-                 precision: str = "fp32", batch_size: int = 64, threads: int | None = None):
+                 precision: str = "fp32", batch_size: int | None = None, threads: int | None = None):
         self.device = resolve_device(device)
         if self.device.type == "cpu":
             configure_threads(threads)
         self.encoder = model if isinstance(model, ChannelEncoder) else create_model(model, device=self.device)
         self.encoder = self.encoder.to(self.device).eval()
         self.precision = resolve_precision(precision, self.device, self.encoder)
-        self.batch_size = int(batch_size)
-        if self.batch_size < 1:
+        self.batch_size = None if batch_size is None else int(batch_size)
+        if self.batch_size is not None and self.batch_size < 1:
             raise MicrosnoopError("--batch-size must be at least 1")
         self._module: torch.nn.Module | None = None
         self._autocast = self.precision != "fp32"
@@ -177,19 +179,32 @@ class Embedder:
             self._module, self._autocast = fast_module(self.encoder, self.device, self.precision)
         return self._module
 
+    def refresh(self) -> None:
+        """Rebuild the optimised module after the encoder's weights changed (e.g. during training)."""
+        self._module = None
+
     def provenance(self) -> dict[str, Any]:
         return {**self.encoder.provenance(), "precision": self.precision, "device": str(self.device.type)}
+
+    def batch_for(self, h: int, w: int) -> int:
+        """Planes per forward pass: ``batch_size`` if given, else about BATCH_PIXELS pixels (256 planes
+        of 64x64, 20 of 224x224, 1 of a 1024x1024 field): small crops need big batches to keep the
+        cores busy, big fields need small ones to bound memory."""
+        if self.batch_size is not None:
+            return self.batch_size
+        return int(min(MAX_AUTO_BATCH, max(1, BATCH_PIXELS // (h * w))))
 
     def encode_planes(self, planes: np.ndarray) -> np.ndarray:
         """(P, H, W) normalised float32 planes of one size -> (P, dim)."""
         planes = pad_to_min(planes, self.encoder.min_size)
+        bs = self.batch_for(*planes.shape[-2:])
         out = np.empty((len(planes), self.dim), dtype=np.float32)
         module = self.module
         ctx = autocast_for(self.device, self.precision) if self._autocast else contextlib.nullcontext()
         dtype = next(module.parameters()).dtype if any(True for _ in module.parameters()) else torch.float32
         with torch.inference_mode(), ctx:
-            for s in range(0, len(planes), self.batch_size):
-                x = torch.from_numpy(np.ascontiguousarray(planes[s:s + self.batch_size]))[:, None]
+            for s in range(0, len(planes), bs):
+                x = torch.from_numpy(np.ascontiguousarray(planes[s:s + bs]))[:, None]
                 x = x.to(self.device, non_blocking=True).contiguous(memory_format=torch.channels_last)
                 if dtype in (torch.bfloat16, torch.float16):
                     x = x.to(dtype)
@@ -250,7 +265,7 @@ class Prepared:
 
 
 def embed_images(images: np.ndarray | Sequence[np.ndarray], model: str | ChannelEncoder | None = None, *,
-                 batch_size: int = 64, device: str = "auto", precision: str = "fp32") -> np.ndarray:
+                 batch_size: int | None = None, device: str = "auto", precision: str = "fp32") -> np.ndarray:
     """Embed images in memory: (N, C, H, W) or a list of (C, H, W) -> (N, C * dim) float32.
 
     >>> import microsnoop, numpy as np

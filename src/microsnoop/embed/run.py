@@ -81,7 +81,7 @@ def chunk_ranges(n: int, chunk_size: int) -> list[tuple[int, int]]:
 
 
 def embed_source(source: ImageSource, output: str | Path, *, model: str | None = None, fmt: str | None = None,
-                 chunk_size: int = 1024, batch_size: int = 64, device: str = "auto", precision: str = "fp32",
+                 chunk_size: int = 1024, batch_size: int | None = None, device: str = "auto", precision: str = "fp32",
                  resume: bool = False, overwrite: bool = False, command: str | None = None,
                  progress: Callable[[int], None] | None = None, embedder: Embedder | None = None) -> Path:
     """Embed every image of ``source`` into ``output`` (.parquet/.h5/.h5ad); returns the output path.
