@@ -217,7 +217,7 @@ def benchmark(
     output: Path = typer.Option(..., "--output", "-o", help="Report folder (report.json, report.md, figures/, cache/)."),
     plot: str = typer.Option("umap", "--plot", help="umap | pca | none: 2-D map of each set's embeddings."),
     fields_mode: Optional[str] = typer.Option(None, "--fields-mode", help="Passed to the whole-field pipeline for sets of kind 'fields'."),
-    batch_size: int = typer.Option(64, "--batch-size"),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Planes per forward pass (default: auto, by pixels)."),
     device: str = typer.Option("auto", "--device"),
     precision: str = typer.Option("fp32", "--precision", help="fp32 | bf16 | auto."),
 ) -> None:
