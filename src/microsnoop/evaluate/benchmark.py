@@ -224,14 +224,14 @@ def record_for(bset: BenchmarkSet, model: str, model_sha: str, column: str, res:
 TIMING_KEYS = ("wall_s", "embed_s")
 
 
-def build_embedder(model: str, device: str, precision: str, batch_size: int) -> Any:
+def build_embedder(model: str, device: str, precision: str, batch_size: int | None) -> Any:
     from ..embed import Embedder
 
     return Embedder(model, device=device, precision=precision, batch_size=batch_size)
 
 
 def run_benchmark(dataset_dirs: Sequence[str | Path], models: Sequence[str], report_dir: str | Path, *,
-                  device: str = "auto", precision: str = "fp32", batch_size: int = 64,
+                  device: str = "auto", precision: str = "fp32", batch_size: int | None = None,
                   skip_missing_models: bool = False, fields_mode: str | None = None,
                   progress_factory: ProgressFactory | None = None,
                   notify: Callable[[str], None] | None = None) -> BenchmarkRun:

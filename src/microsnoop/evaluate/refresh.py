@@ -91,6 +91,7 @@ SEMANTICS = """\
   mean accuracy ± SD (ddof=1) over folds / mean macro-F1.
 - Cells: `accuracy / macro-F1`. `embed s` = wall seconds to embed the set (recorded when it was embedded;
   cached embeddings keep their original time), `score s` = all protocols of the set, both on the machine below.
+  On a shared CPU these timings vary with the load (2-3x); compare them as rough ratios.
 - Sets of kind `fields` need the whole-field pipeline; where it is absent they are listed as skipped.
 """
 
