@@ -84,6 +84,7 @@ def register_method(spec: MethodSpec) -> MethodSpec:
 
 def get_method(name: str) -> PretextMethod:
     from ..errors import MicrosnoopError
+    from . import methods  # noqa: F401  the built-in methods register on import
 
     if name not in _METHODS:
         raise MicrosnoopError(f"unknown training method '{name}'; registered: {', '.join(_METHODS)}")
@@ -91,4 +92,5 @@ def get_method(name: str) -> PretextMethod:
 
 
 def list_methods() -> list[MethodSpec]:
+    from . import methods  # noqa: F401
     return list(_METHODS.values())

@@ -172,7 +172,10 @@ def step_loader(dataset: StepBatches, start: int, stop: int, workers: int = 1, p
         dataset, batch_size=None, sampler=range(start, stop), num_workers=workers,
         prefetch_factor=prefetch if workers > 0 else None, persistent_workers=False,
         worker_init_fn=_worker_init if workers > 0 else None)
-    return iter(loader)
+    # the DataLoader draws worker seeds from the global torch RNG; keep that out of the training RNG
+    # stream so the number of workers does not change it (batches are seeded per step anyway)
+    with torch.random.fork_rng(devices=[]):
+        return iter(loader)
 
 
 def _worker_init(_: int) -> None:

@@ -1,0 +1,139 @@
+"""Training loop: loss goes down on real images, resume is bit-for-bit, checkpoints round-trip."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+SMALL = dict(input_size=48, batch_size=4, warmup_steps=2, lr=3e-3, checkpoint_every=2, workers=0, seed=3)
+
+
+@pytest.fixture(scope="module")
+def tiny_pool(shared_data, tmp_path_factory) -> Path:
+    """8 real pretraining images (2 per modality), centre-cropped to 96 px, with a manifest."""
+    import tifffile
+
+    from microsnoop.io.images import read_image
+
+    src = shared_data / "pretrain"
+    man = pd.read_csv(src / "manifest.csv")
+    d = tmp_path_factory.mktemp("pool8")
+    rows = []
+    for modality, grp in man.groupby("modality"):
+        for rel in grp["path"].iloc[:2]:
+            img = read_image(src / rel)[0]
+            y0, x0 = (img.shape[0] - 96) // 2, (img.shape[1] - 96) // 2
+            name = Path(rel).name
+            tifffile.imwrite(d / name, img[y0:y0 + 96, x0:x0 + 96])
+            rows.append({"path": name, "modality": modality})
+    pd.DataFrame(rows).to_csv(d / "manifest.csv", index=False)
+    return d
+
+
+def _eval_loss(model: torch.nn.Module, pool_dir: Path) -> float:
+    """Loss on fixed batches (steps 1000-1003: same crops and masks every call), with batch statistics
+    (BN running averages after a dozen steps are still far from converged, which would hide progress)."""
+    from microsnoop.train.base import get_method
+    from microsnoop.train.data import ImagePool
+
+    m = get_method("mae-unet")
+    ds = m.make_dataset(ImagePool(pool_dir), {**m.defaults, **SMALL, "batch_size": 8})
+    model.train()
+    with torch.no_grad():
+        return float(np.mean([m.loss(model, ds[1000 + i])[0].item() for i in range(4)]))
+
+
+def _trained_unet(run: Path) -> torch.nn.Module:
+    from microsnoop.train.base import get_method
+
+    m = get_method("mae-unet")
+    state = torch.load(run / "checkpoint.pt", weights_only=True)
+    model = m.build(m.defaults)
+    model.load_state_dict(state["model"])
+    return model
+
+
+def test_few_steps_reduce_loss(tiny_pool, tmp_path):
+    from microsnoop.train.base import get_method
+    from microsnoop.train.loop import train
+
+    torch.manual_seed(SMALL["seed"])
+    before = _eval_loss(get_method("mae-unet").build(get_method("mae-unet").defaults), tiny_pool)
+    res = train(tiny_pool, tmp_path / "run", options={**SMALL, "steps": 15})
+    after = _eval_loss(_trained_unet(tmp_path / "run"), tiny_pool)
+    assert res["steps"] == 15 and res["images_seen"] == 60
+    assert after < 0.6 * before, (before, after)
+    log = pd.read_csv(tmp_path / "run" / "log.csv")
+    assert list(log["step"]) == list(range(15))
+    assert log["lr"].iloc[1] == pytest.approx(3e-3) and log["lr"].iloc[-1] < 3e-4  # warm-up, then cosine down
+
+
+def test_resume_is_bit_for_bit(tiny_pool, tmp_path, cli):
+    from microsnoop.train.loop import train
+
+    opts = {**SMALL, "steps": 4}
+    train(tiny_pool, tmp_path / "a", options=opts)
+    train(tiny_pool, tmp_path / "b", options=opts, stop_after=2)  # "interrupted" after the step-2 checkpoint
+    code, _, err = cli("train", "--data", tiny_pool, "-o", tmp_path / "b", "--resume", "--workers", "1")
+    assert code == 0, err
+    a = torch.load(tmp_path / "a" / "checkpoint.pt", weights_only=True)
+    b = torch.load(tmp_path / "b" / "checkpoint.pt", weights_only=True)
+    assert a["step"] == b["step"] == 4
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    assert all(torch.equal(a["rng"]["torch"], b["rng"]["torch"]) for _ in [0])
+    la, lb = pd.read_csv(tmp_path / "a" / "log.csv"), pd.read_csv(tmp_path / "b" / "log.csv")
+    assert list(lb["step"]) == [0, 1, 2, 3] and np.array_equal(la["loss"].values, lb["loss"].values)
+
+
+def test_checkpoint_round_trips(tiny_pool, tmp_path):
+    from microsnoop.models import create_model
+    from microsnoop.models.checkpoints import load_checkpoint, save_checkpoint
+    from microsnoop.train.base import get_method
+    from microsnoop.train.loop import train
+    from microsnoop.train.data import ImagePool
+
+    train(tiny_pool, tmp_path / "run", options={**SMALL, "steps": 2})
+    direct = get_method("mae-unet").to_encoder(_trained_unet(tmp_path / "run"), {})
+    loaded = create_model(tmp_path / "run" / "model.safetensors")
+    x = torch.from_numpy(np.stack([p[:40, :40] for p in ImagePool(tiny_pool).planes]).astype(np.float32))[:, None]
+    x = x / x.amax(dim=(2, 3), keepdim=True)
+    assert torch.equal(direct(x), loaded(x))
+    assert loaded.header["steps"] == 2 and loaded.config["method"] == "mae-unet"
+    # an fp16 export (how shipped weights are stored) embeds the same up to fp16 rounding
+    state, header, _ = load_checkpoint(tmp_path / "run" / "model.safetensors")
+    save_checkpoint(tmp_path / "half.safetensors", state, header["config"], dtype=torch.float16)
+    half = create_model(tmp_path / "half.safetensors")
+    assert torch.allclose(half(x), loaded(x), rtol=1e-2, atol=1e-2)
+
+
+def test_init_from_registered_model_copies_encoder_and_decoder(tiny_pool, tmp_path):
+    pytest.importorskip("scellseg")
+    from microsnoop.models import create_model
+    from microsnoop.train.base import get_method
+
+    m = get_method("mae-unet")
+    model = m.build(m.defaults)
+    info = m.initialize(model, create_model("cellpose-encoder"))
+    cp = create_model("cellpose-encoder").net.state_dict()
+    own = model.state_dict()
+    assert torch.equal(own["encoder.down.res_down_0.conv.conv_0.2.weight"], cp["encoder.down.res_down_0.conv.conv_0.2.weight"])
+    assert torch.equal(own["decoder.up.res_up_0.conv.conv_1.full.weight"], cp["decoder.up.res_up_0.conv.conv_1.full.weight"])
+    assert info["copied"] == len(own)  # every tensor (cellpose-encoder already carries a U-Net output head)
+
+
+def test_reconstruct_cli_writes_figure(shared_data, tmp_path, cli):
+    img = sorted((shared_data / "pretrain" / "images" / "tissue").glob("*.tif"))[0]
+    code, _, err = cli("reconstruct", img, "--model", "random-init", "-o", tmp_path / "fig.png", "--mask-ratio", "0.5",
+                       "--crop", "64")
+    assert code == 0, err
+    assert (tmp_path / "fig.png").stat().st_size > 5000
+    code, _, err = cli("reconstruct", img, "--model", "random-init", "-o", tmp_path / "x.png", "--mask-ratio", "1.5")
+    assert code == 2 and "mask ratio" in err
+
+
+def test_bad_training_input_is_one_line_error(tmp_path, cli):
+    code, _, err = cli("train", "--data", tmp_path / "missing", "-o", tmp_path / "run", "--steps", "1")
+    assert code == 2 and "training data not found" in err
