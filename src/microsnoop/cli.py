@@ -237,6 +237,71 @@ def benchmark(
     console.print(f"wrote {len(res.records)} scores to {paths['json']} and {paths['md']}")
 
 
+
+@app.command()
+def train(
+    data: Path = typer.Option(..., "--data", help="Folder of images, or a manifest.csv (path, modality) of them."),
+    output: Path = typer.Option(..., "--output", "-o", help="Run folder: config.json, checkpoint.pt, model.safetensors, log.csv."),
+    method: str = typer.Option("mae-unet", "--method", help="Registered pretext method."),
+    init: Optional[str] = typer.Option(None, "--init", help="Start from a registered model or checkpoint (fine-tuning)."),
+    resume: bool = typer.Option(False, "--resume", help="Continue the run in --output from its checkpoint, bit-for-bit."),
+    input_size: Optional[int] = typer.Option(None, "--input-size", help="Crop size in px (default 112)."),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size"),
+    steps: Optional[int] = typer.Option(None, "--steps", help="Optimiser steps (default: epochs x epoch-images / batch)."),
+    epochs: Optional[float] = typer.Option(None, "--epochs"),
+    epoch_images: Optional[int] = typer.Option(None, "--epoch-images", help="Sampled images per epoch (paper: 12,000)."),
+    lr: Optional[float] = typer.Option(None, "--lr"),
+    warmup_steps: Optional[int] = typer.Option(None, "--warmup-steps"),
+    mask_ratio: Optional[float] = typer.Option(None, "--mask-ratio", help="mae-unet: share of 16x16 patches zeroed (0.25)."),
+    seed: Optional[int] = typer.Option(None, "--seed"),
+    precision: Optional[str] = typer.Option(None, "--precision", help="auto | fp32 | bf16 | fp16 (CUDA)."),
+    checkpoint_every: Optional[int] = typer.Option(None, "--checkpoint-every"),
+    workers: Optional[int] = typer.Option(None, "--workers", help="Data-loading processes."),
+    holdout: Optional[int] = typer.Option(None, "--holdout", help="Images per modality kept out of training."),
+    device: str = typer.Option("cpu", "--device"),
+) -> None:
+    """Self-supervised pretraining (default: the paper's masked U-Net recipe)."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    from .train.loop import train as run_train
+
+    opts = dict(input_size=input_size, batch_size=batch_size, steps=steps, epochs=epochs, epoch_images=epoch_images,
+                lr=lr, warmup_steps=warmup_steps, mask_ratio=mask_ratio, seed=seed, precision=precision,
+                checkpoint_every=checkpoint_every, workers=workers, holdout=holdout, init=init)
+    prog = Progress(TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
+                    TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(), console=console)
+    task = prog.add_task("train", total=None, info="")
+
+    def advance(step: int, total: int, logs: dict) -> None:
+        prog.update(task, completed=step, total=total,
+                    info=f"loss {logs['loss']:.4f}  {logs['images_per_s']:.1f} img/s  lr {logs['lr']:.2e}")
+
+    with prog:
+        res = run_train(data, output, method=method, resume=resume, device=device, options=opts, progress=advance)
+    console.print(f"{res['steps']} steps, {res['images_seen']} images, {res['wall_s']:.0f} s, final loss "
+                  f"{res['final_loss']:.4f}; encoder in {res['model']}")
+
+
+
+@app.command()
+def reconstruct(
+    images: List[Path] = typer.Argument(..., help="One or more images; one figure row each."),
+    model: Optional[str] = typer.Option(None, "--model", "-m", help="U-Net model name or checkpoint (default: the default model)."),
+    output: Path = typer.Option(..., "--output", "-o", help="Figure file (.png, .pdf, .svg)."),
+    mask_ratio: float = typer.Option(0.25, "--mask-ratio", help="Share of 16x16 patches zeroed."),
+    channel: int = typer.Option(0, "--channel", help="Which channel of each image."),
+    crop: int = typer.Option(256, "--crop", help="Centre crop in px (0 = whole image)."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the random patch mask."),
+) -> None:
+    """Masked input / reconstruction / original side by side (the paper's Fig. 2)."""
+    from .models.registry import default_model_name
+    from .train.reconstruct import reconstruct_figure
+
+    res = reconstruct_figure(images, model or default_model_name(), output, mask_ratio=mask_ratio, seed=seed,
+                             channel=channel, crop=crop or None)
+    console.print(f"wrote {res['output']} (masked-pixel MSE: {', '.join(f'{v:.4f}' for v in res['masked_mse'])})")
+
+
 def main() -> None:
     try:
         app()
