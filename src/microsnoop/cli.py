@@ -69,7 +69,7 @@ def embed(
     chunk_size: int = typer.Option(1024, "--chunk-size", help="Images read and kept in memory at a time."),
     batch_size: Optional[int] = typer.Option(None, "--batch-size", help="One-channel planes per forward pass (default: auto, ~1M pixels: 256 planes of 64x64, 20 of 224x224)."),
     device: str = typer.Option("auto", "--device", help="auto (CUDA, then MPS, then CPU) | cpu | cuda | cuda:N | mps."),
-    precision: str = typer.Option("fp32", "--precision", help="fp32 | bf16 | auto (bf16 on CPUs with native bf16 and on CUDA, for validated models; else fp32)."),
+    precision: str = typer.Option("auto", "--precision", help="auto (default: bf16 on CPUs with native bf16 and on CUDA, for models validated in bf16 - cosine >= 0.999 to fp32; else fp32) | fp32 | bf16."),
     threads: Optional[int] = typer.Option(None, "--threads", help="CPU threads per process (default: the CPUs available, divided among torchrun's local ranks)."),
     resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run from its finished chunks."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output."),
