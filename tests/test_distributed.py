@@ -61,7 +61,7 @@ def _same(a: Path, b: Path) -> None:
 
 def test_two_gloo_ranks_equal_single_process(yeast_subset, single, tmp_path):
     out = tmp_path / "two.parquet"
-    r = subprocess.run(torchrun([yeast_subset, "-o", out, "--model", "random-init", "--device", "cpu",
+    r = subprocess.run(torchrun([yeast_subset, "-o", out, "--model", "random-init", "--device", "cpu", "--precision", "fp32",
                                  "--chunk-size", "8"]), capture_output=True, text=True, env=env(), timeout=120)
     assert r.returncode == 0, "\n".join(ln for ln in r.stderr.splitlines() if "error" in ln.lower())[-3000:]
     assert not out.with_name(out.name + ".partial").exists()
@@ -72,9 +72,9 @@ def test_two_gloo_ranks_equal_single_process(yeast_subset, single, tmp_path):
 def test_killed_two_rank_run_resumes_without_recomputing(yeast_subset, single, tmp_path):
     out = tmp_path / "killed.parquet"
     part = out.with_name(out.name + ".partial")
-    args = [yeast_subset, "-o", out, "--model", "random-init", "--device", "cpu", "--chunk-size", "4", "--batch-size", "4"]
-    proc = subprocess.Popen(torchrun(args), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env(),
-)
+    args = [yeast_subset, "-o", out, "--model", "random-init", "--device", "cpu", "--precision", "fp32", "--chunk-size", "4",
+            "--batch-size", "4"]
+    proc = subprocess.Popen(torchrun(args), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env())
     deadline = time.time() + 90
     while time.time() < deadline and (not part.exists() or len(finished_chunks(part)) < 4):
         time.sleep(0.05)

@@ -9,6 +9,7 @@ a temp file and renamed; only then is the partial folder removed.
 from __future__ import annotations
 
 import json
+import mmap
 import queue
 import shutil
 import sys
@@ -134,7 +135,9 @@ def _embed_chunks(source: ImageSource, embedder: Embedder, ranges: list[tuple[in
 
     def load(k: int):
         start, stop = ranges[k]
-        return embedder.prepare(source.read(start, stop), name=source.name, offset=start)
+        images = source.read(start, stop)
+        _drop_mapped_pages(source)
+        return embedder.prepare(images, name=source.name, offset=start)
 
     for k, prepared in prefetch(load, todo):
         feats = embedder.encode(prepared)
@@ -143,6 +146,23 @@ def _embed_chunks(source: ImageSource, embedder: Embedder, ranges: list[tuple[in
         if progress:
             progress(round((ranges[k][1] - ranges[k][0]) * scale))
     return files
+
+
+def _drop_mapped_pages(source: ImageSource) -> None:
+    """Memory-mapped inputs: tell the kernel we are done with the pages read so far.
+
+    Pages of a read-only mapping stay in the process's resident set (and in ru_maxrss) until the
+    kernel needs them back, so reading a 20k-image .npy would look like 20k images of memory.
+    MADV_DONTNEED drops them from this process (the page cache keeps the file for the next read)."""
+    arr = getattr(source, "array", None)
+    while arr is not None and not isinstance(arr, np.memmap):
+        arr = getattr(arr, "base", None)
+    mm = getattr(arr, "_mmap", None)
+    if mm is not None and hasattr(mm, "madvise") and hasattr(mmap, "MADV_DONTNEED"):
+        try:
+            mm.madvise(mmap.MADV_DONTNEED)
+        except (OSError, ValueError):
+            pass
 
 
 def prefetch(load: Callable[[int], Any], keys: list[int], depth: int = 1) -> Iterator[tuple[int, Any]]:
