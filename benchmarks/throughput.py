@@ -1,0 +1,193 @@
+"""Throughput and memory of the embedding engine on this machine, in one run.
+
+    python benchmarks/throughput.py            # full run (~10 min on 2 cores)
+    python benchmarks/throughput.py --quick    # smaller counts, for a smoke test
+
+Prints (1) end-to-end images/s of ``microsnoop embed`` (the library call the CLI makes: read the
+.npy, normalise, encode, write Parquet; process start-up excluded) for 64, 96 and 224 px
+single-channel real images, (2) images/s of a plain fp32 forward of the paper's encoder
+(Microsnoop U-Net, NCHW, ``torch.no_grad``: the original tool's reference speed) and the ratio,
+(3) encoder GFLOP/s (FlopCounterMode) against a measured fp32/bf16 ``torch.matmul`` peak,
+(4) peak RSS (ru_maxrss) of a subprocess embedding 2k and of one embedding 20k images of 64x64.
+
+Inputs are real: yeast_pci GFP cells (64 px) and crops of the Coelho nucleus fields (96, 224 px),
+repeated to the image counts needed; only the pixel content is reused, not computed results.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared" / "data" / "benchmarks"
+warnings.filterwarnings("ignore", message="model 'random-init' is untrained")
+
+
+def real_images(size: int, n: int) -> np.ndarray:
+    """(n, 1, size, size) uint16/uint8 real images: yeast cells at 64 px, Coelho field crops above."""
+    if size <= 64:
+        cells = np.load(SHARED / "yeast_pci" / "images.npy", mmap_mode="r")
+        base = np.array(cells[:, :1, :size, :size])
+    else:
+        fields = np.array(np.load(SHARED / "coelho2009_nuclei_fields" / "images.npy", mmap_mode="r"))
+        h, w = fields.shape[-2:]
+        crops = [fields[:, :, y:y + size, x:x + size] for y in range(0, h - size + 1, size // 2)
+                 for x in range(0, w - size + 1, size // 2)]
+        base = np.concatenate(crops)
+    reps = -(-n // len(base))
+    return np.ascontiguousarray(np.concatenate([base] * reps)[:n])
+
+
+def write_input(folder: Path, images: np.ndarray) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    np.save(folder / "images.npy", images)
+    return folder / "images.npy"
+
+
+def matmul_peak(dtype_name: str, n: int = 2048, reps: int = 5) -> float:
+    """GFLOP/s of the best of ``reps`` n x n matmuls: the machine's practical compute ceiling."""
+    import torch
+
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype_name]
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    torch.matmul(a, b)
+    best = min(_timed(lambda: torch.matmul(a, b)) for _ in range(reps))
+    return 2 * n ** 3 / best / 1e9
+
+
+def _timed(f) -> float:
+    t = time.perf_counter()
+    f()
+    return time.perf_counter() - t
+
+
+def encoder_gflop(size: int) -> float:
+    """FLOPs of one (1, 1, size, size) encoder forward (convolutions; FlopCounterMode convention: 2/MAC)."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from microsnoop.models import create_model
+
+    enc = create_model("random-init")
+    with torch.no_grad(), FlopCounterMode(display=False) as fc:
+        enc(torch.zeros(1, 1, size, size))
+    return fc.get_total_flops() / 1e9
+
+
+def end_to_end(path: Path, out: Path, precision: str, batch_size: int) -> tuple[float, str]:
+    """images/s of embed_source (what `microsnoop embed` runs) on an .npy -> .parquet."""
+    from microsnoop.embed import Embedder, embed_source
+    from microsnoop.io import open_source
+
+    src = open_source(path)
+    emb = Embedder("random-init", device="cpu", precision=precision, batch_size=batch_size)
+    t = time.perf_counter()
+    embed_source(src, out, chunk_size=1024, overwrite=True, embedder=emb, command="benchmark")
+    return len(src) / (time.perf_counter() - t), emb.precision
+
+
+def reference_forward(images: np.ndarray, batch_size: int) -> float:
+    """images/s of the plain fp32 encoder forward (NCHW, no_grad) on pre-normalised planes."""
+    import torch
+
+    from microsnoop.embed.normalize import normalize_percentile
+    from microsnoop.models import create_model
+
+    enc = create_model("random-init").eval()
+    x = torch.from_numpy(normalize_percentile(images))
+    with torch.no_grad():
+        enc(x[:2])
+        t = time.perf_counter()
+        for s in range(0, len(x), batch_size):
+            enc(x[s:s + batch_size])
+    return len(x) / (time.perf_counter() - t)
+
+
+def rss_child(path: str, out: str) -> None:
+    """Run in a subprocess: embed, then print the peak RSS (MiB) as JSON."""
+    from microsnoop.embed import embed_source
+    from microsnoop.io import open_source
+
+    t = time.perf_counter()
+    embed_source(open_source(path), out, model="random-init", device="cpu", precision="auto", chunk_size=1024,
+                 overwrite=True, command="benchmark")
+    kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    print(json.dumps({"peak_rss_mib": kib / 1024, "seconds": time.perf_counter() - t}))
+
+
+def peak_rss(work: Path, n: int) -> dict:
+    path = write_input(work / f"rss{n}", real_images(64, n))
+    cmd = [sys.executable, __file__, "--rss-child", str(path), str(work / f"rss{n}.parquet")]
+    r = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    if r.returncode != 0:
+        raise RuntimeError(r.stderr[-2000:])
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--quick", action="store_true", help="small counts (smoke test; numbers are noisier)")
+    ap.add_argument("--precision", default="auto", help="precision of the end-to-end runs (default auto)")
+    ap.add_argument("--rss-child", nargs=2, metavar=("IN", "OUT"), help=argparse.SUPPRESS)
+    ap.add_argument("--skip-rss", action="store_true")
+    args = ap.parse_args()
+    if args.rss_child:
+        return rss_child(*args.rss_child)
+
+    import torch
+
+    from microsnoop.embed.engine import configure_threads, cpu_has_native_bf16
+
+    threads = configure_threads()
+    load = os.getloadavg()
+    print(f"machine: {os.cpu_count()} CPUs, torch {torch.__version__} with {threads} threads, "
+          f"native bf16: {cpu_has_native_bf16()}, CPU capability {torch.backends.cpu.get_cpu_capability()}; "
+          f"load average at start {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}")
+    peaks = {p: matmul_peak(p) for p in ("fp32", "bf16")}
+    print(f"torch.matmul 2048^3 peak: fp32 {peaks['fp32']:.0f} GFLOP/s, bf16 {peaks['bf16']:.0f} GFLOP/s")
+
+    counts = {64: 256, 96: 128, 224: 32} if args.quick else {64: 1024, 96: 512, 224: 96}
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="msnoop-bench-") as tmp:
+        work = Path(tmp)
+        warm = write_input(work / "warm", real_images(64, 64))
+        end_to_end(warm, work / "warm.parquet", args.precision, 64)  # oneDNN/first-call set-up
+        for size, n in counts.items():
+            imgs = real_images(size, n)
+            path = write_input(work / f"s{size}", imgs)
+            ref = reference_forward(imgs, 64)
+            e2e, prec = end_to_end(path, work / f"s{size}.parquet", args.precision, 64)
+            gf = encoder_gflop(size)
+            peak = peaks["bf16" if prec == "bf16" else "fp32"]
+            rows.append((size, n, e2e, prec, ref, e2e / ref, gf * e2e, gf * e2e / peak, gf * ref, gf * ref / peaks["fp32"]))
+            print(f"  measured {size} px ({n} images)", file=sys.stderr, flush=True)
+        print()
+        print("| size | images | end-to-end img/s | precision | fp32 reference forward img/s | ratio | "
+              "encoder GFLOP/s (e2e) | of matmul peak | reference GFLOP/s | of fp32 peak |")
+        print("|---|---|---|---|---|---|---|---|---|---|")
+        for size, n, e2e, prec, ref, ratio, g, gp, gr, grp in rows:
+            print(f"| {size} px | {n} | {e2e:.1f} | {prec} | {ref:.1f} | {ratio:.2f}x | {g:.0f} | {gp:.0%} | "
+                  f"{gr:.0f} | {grp:.0%} |")
+        print(f"(encoder GFLOP per image: " + ", ".join(f"{s} px {encoder_gflop(s):.2f}" for s in counts) + ")")
+        if not args.skip_rss:
+            small, big = (500, 5000) if args.quick else (2000, 20000)
+            a, b = peak_rss(work, small), peak_rss(work, big)
+            print(f"peak RSS, 64x64 images, chunk 1024, {args.precision}: {small}: {a['peak_rss_mib']:.0f} MiB "
+                  f"({a['seconds']:.0f} s); {big}: {b['peak_rss_mib']:.0f} MiB ({b['seconds']:.0f} s); "
+                  f"ratio {b['peak_rss_mib'] / a['peak_rss_mib']:.2f}x (target <= 1.5x)")
+    load = os.getloadavg()
+    print(f"load average at end {load[0]:.2f} {load[1]:.2f} {load[2]:.2f} (other users share these CPUs)")
+
+
+if __name__ == "__main__":
+    main()
