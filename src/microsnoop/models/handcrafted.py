@@ -167,4 +167,5 @@ register_model(ModelSpec(
     input_size="any (>=16 px)",
     sha256=HANDCRAFTED_SHA256,
     requires="pip install 'microsnoop[baselines]'  (needs cp_measure)",
+    extra={"weights": "none (fixed feature definitions)"},
 ))
