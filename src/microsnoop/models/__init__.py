@@ -5,6 +5,7 @@ from . import microsnoop_unet  # noqa: F401,E402  random-init (+ the U-Net archi
 from . import cellpose  # noqa: F401,E402  cellpose-encoder
 from . import effnet  # noqa: F401,E402  imagenet-effnet-lite0
 from . import handcrafted  # noqa: F401,E402  handcrafted
+from . import pretrained  # noqa: F401,E402  microsnoop-unet-cpinit, microsnoop-unet-scratch (shipped weights)
 
 __all__ = ["ChannelEncoder", "ModelSpec", "create_model", "default_model_name", "get_spec", "list_models",
            "register_model"]

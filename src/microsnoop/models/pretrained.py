@@ -1,0 +1,57 @@
+"""Trained Microsnoop U-Nets shipped inside the package (``models/weights/*.safetensors``, fp16).
+
+Each entry records the file's sha256 (checked on every load), licence, training data and model card.
+Both were trained here by ``microsnoop train`` (mae-unet recipe) on the pretraining pool only,
+never on benchmark images; see ``models/cards/<name>.md`` for command, steps and benchmark table.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..errors import MicrosnoopError
+from .registry import ChannelEncoder, ModelSpec, build_from_checkpoint, register_model
+from .microsnoop_unet import WEIGHTS_DIR
+
+POOL = ("microsnoop pretraining pool: 470 one-channel real microscopy images from 15 public sources "
+        "(fluorescence 331, brightfield/phase 54, tissue 41, histopathology 44; 8 held out); "
+        "no benchmark images")
+
+
+@dataclass(frozen=True)
+class Shipped:
+    name: str
+    sha256: str
+    description: str
+    license: str
+    default: bool = False
+
+
+SHIPPED = (
+    Shipped("microsnoop-unet-cpinit", "a9ae1f2d33004171e32f61b73cdcc1b6fcd1736e51c5fb661fc4f6773a68365f",
+            "Microsnoop U-Net, masked-reconstruction pretraining (mask 0.25, 96 px, 950 steps on CPU) starting "
+            "from the Cellpose generalist encoder+decoder",
+            "BSD-3-Clause (derived from Cellpose weights); training images under their sources' licences",
+            default=False),
+    Shipped("microsnoop-unet-scratch", "f6b7b50a2b5eead87acc6886fa4c5edaeb70693827c58db3c95ced36df6c945b",
+            "Microsnoop U-Net, masked-reconstruction pretraining (mask 0.25, 96 px, 950 steps on CPU) from random "
+            "initialisation (the paper's recipe, with ~1/1000 of its compute)",
+            "MIT; training images under their sources' licences",
+            default=False),
+)
+
+
+def _builder(entry: Shipped):
+    def build(pretrained: bool = True) -> ChannelEncoder:
+        path = WEIGHTS_DIR / f"{entry.name}.safetensors"
+        if not path.exists():
+            raise MicrosnoopError(f"weights of '{entry.name}' are missing from the installed package", path)
+        return build_from_checkpoint(path, entry.sha256, entry.name)
+    return build
+
+
+for _entry in SHIPPED:
+    register_model(ModelSpec(
+        name=_entry.name, build=_builder(_entry), description=_entry.description, license=_entry.license,
+        training_data=POOL, input_size="any (>=16 px; trained on 96 px crops)", sha256=_entry.sha256,
+        trained=True, default=_entry.default, card=f"models/cards/{_entry.name}.md",
+    ))
