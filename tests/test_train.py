@@ -137,3 +137,15 @@ def test_reconstruct_cli_writes_figure(shared_data, tmp_path, cli):
 def test_bad_training_input_is_one_line_error(tmp_path, cli):
     code, _, err = cli("train", "--data", tmp_path / "missing", "-o", tmp_path / "run", "--steps", "1")
     assert code == 2 and "training data not found" in err
+
+
+def test_shipped_models_load_verified_and_default_is_trained():
+    from microsnoop.models import create_model, default_model_name, get_spec
+
+    default = default_model_name()
+    assert default.startswith("microsnoop-unet-") and get_spec(default).trained
+    for name in ("microsnoop-unet-cpinit", "microsnoop-unet-scratch"):
+        enc = create_model(name)
+        assert enc.sha256 == get_spec(name).sha256 and enc.header["steps"] == 950
+        out = enc(torch.rand(2, 1, 40, 40))
+        assert out.shape == (2, 256) and torch.isfinite(out).all()

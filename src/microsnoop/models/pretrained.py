@@ -12,9 +12,7 @@ from ..errors import MicrosnoopError
 from .registry import ChannelEncoder, ModelSpec, build_from_checkpoint, register_model
 from .microsnoop_unet import WEIGHTS_DIR
 
-POOL = ("microsnoop pretraining pool: 470 one-channel real microscopy images from 15 public sources "
-        "(fluorescence 331, brightfield/phase 54, tissue 41, histopathology 44; 8 held out); "
-        "no benchmark images")
+POOL = "microsnoop pretraining pool: 470 real one-channel images, 4 modalities, 15 sources (no benchmark images)"
 
 
 @dataclass(frozen=True)
@@ -31,7 +29,7 @@ SHIPPED = (
             "Microsnoop U-Net, masked-reconstruction pretraining (mask 0.25, 96 px, 950 steps on CPU) starting "
             "from the Cellpose generalist encoder+decoder",
             "BSD-3-Clause (derived from Cellpose weights); training images under their sources' licences",
-            default=False),
+            default=True),
     Shipped("microsnoop-unet-scratch", "f6b7b50a2b5eead87acc6886fa4c5edaeb70693827c58db3c95ced36df6c945b",
             "Microsnoop U-Net, masked-reconstruction pretraining (mask 0.25, 96 px, 950 steps on CPU) from random "
             "initialisation (the paper's recipe, with ~1/1000 of its compute)",
