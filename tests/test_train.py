@@ -149,3 +149,32 @@ def test_shipped_models_load_verified_and_default_is_trained():
         assert enc.sha256 == get_spec(name).sha256 and enc.header["steps"] == 950
         out = enc(torch.rand(2, 1, 40, 40))
         assert out.shape == (2, 256) and torch.isfinite(out).all()
+
+
+def test_fine_tune_keeps_encoder_frozen_then_scaled(tiny_pool, tmp_path):
+    """--init cellpose-encoder with encoder_frozen_steps=3 and freeze_encoder_bn: after 3 steps the
+    encoder (weights and BN statistics) is still exactly Cellpose's while the decoder has moved."""
+    from microsnoop.models import create_model
+    from microsnoop.train.loop import train
+
+    opts = {**SMALL, "steps": 3, "init": "cellpose-encoder", "encoder_frozen_steps": 3, "freeze_encoder_bn": True,
+            "encoder_lr_scale": 0.1, "precision": "fp32"}
+    train(tiny_pool, tmp_path / "ft", options=opts)
+    model = _trained_unet(tmp_path / "ft")
+    ref = {k[4:] if k.startswith("net.") else k: v for k, v in create_model("cellpose-encoder").state_dict().items()}
+    enc = {k: v for k, v in model.state_dict().items() if k.startswith("encoder.")}
+    assert enc and all(k in ref for k in enc)
+    for k, v in enc.items():
+        torch.testing.assert_close(v, ref[k].to(v.dtype), rtol=0, atol=0, msg=k)
+    dec = {k: v for k, v in model.state_dict().items() if k.startswith("decoder.") and k in ref}
+    assert any(not torch.equal(v, ref[k]) for k, v in dec.items())
+
+
+def test_set_overrides_parse_json_values():
+    from microsnoop.cli import parse_overrides
+    from microsnoop.errors import MicrosnoopError
+
+    assert parse_overrides(["encoder_lr_scale=0.1", "freeze_encoder_bn=true", "label_column=Metadata_Protein"]) == {
+        "encoder_lr_scale": 0.1, "freeze_encoder_bn": True, "label_column": "Metadata_Protein"}
+    with pytest.raises(MicrosnoopError, match="KEY=VALUE"):
+        parse_overrides(["oops"])

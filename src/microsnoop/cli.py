@@ -4,6 +4,7 @@ Errors about the user's input are printed as one line (``error: FILE: problem``)
 """
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shlex
@@ -238,6 +239,20 @@ def benchmark(
 
 
 
+def parse_overrides(items: List[str]) -> dict:
+    """``KEY=VALUE`` pairs; VALUE is JSON when it parses (numbers, true/false, lists), else a string."""
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise MicrosnoopError(f"--set expects KEY=VALUE, got '{item}'")
+        try:
+            out[key.strip()] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key.strip()] = value
+    return out
+
+
 @app.command()
 def train(
     data: Path = typer.Option(..., "--data", help="Folder of images, or a manifest.csv (path, modality) of them."),
@@ -259,6 +274,7 @@ def train(
     workers: Optional[int] = typer.Option(None, "--workers", help="Data-loading processes."),
     holdout: Optional[int] = typer.Option(None, "--holdout", help="Images per modality kept out of training."),
     device: str = typer.Option("cpu", "--device"),
+    set_: Optional[List[str]] = typer.Option(None, "--set", help="Method config KEY=VALUE (JSON value), repeatable, e.g. --set encoder_lr_scale=0.1."),
 ) -> None:
     """Self-supervised pretraining (default: the paper's masked U-Net recipe)."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
@@ -268,6 +284,7 @@ def train(
     opts = dict(input_size=input_size, batch_size=batch_size, steps=steps, epochs=epochs, epoch_images=epoch_images,
                 lr=lr, warmup_steps=warmup_steps, mask_ratio=mask_ratio, seed=seed, precision=precision,
                 checkpoint_every=checkpoint_every, workers=workers, holdout=holdout, init=init)
+    opts.update(parse_overrides(set_ or []))
     prog = Progress(TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
                     TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(), console=console)
     task = prog.add_task("train", total=None, info="")

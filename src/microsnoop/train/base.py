@@ -28,9 +28,17 @@ class PretextMethod:
     - ``loss(model, batch) -> (scalar loss tensor, dict of floats to log)``; runs under autocast.
     - ``initialize(model, encoder) -> {"copied": n, "skipped": m}`` (optional): start from a registered
       model's or checkpoint's weights (``--init``); ``load_matching`` below is the usual body.
+    - ``param_groups(model, config)`` / ``prepare_train(model, config)`` (optional): optimiser groups
+      with ``lr_scale`` / ``frozen_steps``, and a hook after ``model.train()`` (e.g. frozen BN stats).
     - ``to_encoder(model, config) -> ChannelEncoder``: the per-channel embedding head used by ``embed``.
       Its ``config`` must hold ``arch`` (a ``register_architecture`` name) so ``create_model(path)``
       rebuilds it from the exported ``model.safetensors``.
+    - ``load_pool(data, config)`` (optional): the training data; default ``ImagePool`` (one-channel
+      planes of a folder / manifest). Methods whose pretext needs labels or cell pairs load a
+      benchmark-style set instead (``train.data.LabelledSet``). Must expose ``manifest_sha256``,
+      ``counts()``, ``holdout`` and ``len()`` (what the loop records and checks on resume).
+    - ``after_step(model, step, config)`` (optional): runs after each optimiser step, outside autocast
+      and autograd (e.g. DINO's EMA teacher update).
     """
 
     name: str = ""
@@ -48,8 +56,24 @@ class PretextMethod:
     def initialize(self, model: nn.Module, encoder: nn.Module) -> dict[str, int]:
         return load_matching(model, encoder.state_dict())
 
+    def param_groups(self, model: nn.Module, config: dict[str, Any]) -> list[dict[str, Any]]:
+        """Optimiser groups; a group may carry ``lr_scale`` (fraction of the scheduled LR) and
+        ``frozen_steps`` (LR 0 before that step), e.g. to keep pretrained weights while a new head learns."""
+        return [{"params": [p for p in model.parameters() if p.requires_grad]}]
+
+    def prepare_train(self, model: nn.Module, config: dict[str, Any]) -> None:
+        """Called after ``model.train()``: e.g. keep some BatchNorm layers in eval mode (frozen statistics)."""
+
     def to_encoder(self, model: nn.Module, config: dict[str, Any]) -> ChannelEncoder:
         raise NotImplementedError
+
+    def load_pool(self, data: Any, config: dict[str, Any]) -> Any:
+        from .data import ImagePool
+
+        return ImagePool(data, holdout_per_modality=int(config["holdout"]), seed=int(config["seed"]))
+
+    def after_step(self, model: nn.Module, step: int, config: dict[str, Any]) -> None:
+        return None
 
 
 def load_matching(model: nn.Module, state: dict[str, torch.Tensor]) -> dict[str, int]:

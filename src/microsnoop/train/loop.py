@@ -164,7 +164,7 @@ def train(data: str | Path, run_dir: str | Path, *, method: str = "mae-unet", re
     from ..models.registry import create_model
     from .base import get_method
     from . import methods  # noqa: F401  registers the built-in methods
-    from .data import ImagePool, step_loader
+    from .data import step_loader
 
     run_dir = Path(run_dir)
     ckpt_path = run_dir / "checkpoint.pt"
@@ -185,7 +185,7 @@ def train(data: str | Path, run_dir: str | Path, *, method: str = "mae-unet", re
     precision = resolve_precision(config["precision"], dev)
     rank, world = _dist()
 
-    pool = ImagePool(data, holdout_per_modality=int(config["holdout"]), seed=int(config["seed"]))
+    pool = m.load_pool(data, config)
     if resume and saved["manifest_sha256"] != pool.manifest_sha256:
         raise MicrosnoopError("the training data's manifest changed since the checkpoint was written "
                               "(resume would not continue the same run)", data)
@@ -198,7 +198,8 @@ def train(data: str | Path, run_dir: str | Path, *, method: str = "mae-unet", re
     if config.get("init") and not resume:
         init_info = m.initialize(model, create_model(config["init"]))
     model.to(dev).train()
-    opt = torch.optim.AdamW(model.parameters(), lr=config["lr"], weight_decay=config["weight_decay"],
+    m.prepare_train(model, config)
+    opt = torch.optim.AdamW(m.param_groups(model, config), lr=config["lr"], weight_decay=config["weight_decay"],
                             betas=tuple(config["betas"]))
     scaler = torch.amp.GradScaler("cuda") if precision == "fp16" else None
     start, elapsed = 0, 0.0
@@ -239,8 +240,8 @@ def train(data: str | Path, run_dir: str | Path, *, method: str = "mae-unet", re
             batch = next(loader)
             batch = {k: v.to(dev, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
             lr = lr_at(step, config)
-            for g in opt.param_groups:
-                g["lr"] = lr
+            for g in opt.param_groups:  # a group may run at a fraction of the LR, or wait (frozen) for a while
+                g["lr"] = lr * g.get("lr_scale", 1.0) if step >= g.get("frozen_steps", 0) else 0.0
             with autocast(dev, precision):
                 loss, logs = m.loss(train_model, batch)
             opt.zero_grad(set_to_none=True)
@@ -256,6 +257,8 @@ def train(data: str | Path, run_dir: str | Path, *, method: str = "mae-unet", re
                 scaler.update()
             else:
                 opt.step()
+            with torch.no_grad():
+                m.after_step(model, step, config)
             loss_value = float(loss.detach())
             if not math.isfinite(loss_value):
                 raise MicrosnoopError(f"loss became {loss_value} at step {step}; lower --lr or use fp32")

@@ -39,7 +39,11 @@ def apply_mask(images: torch.Tensor, ratio: float, rng: np.random.Generator, pat
 
 class MaeUNet(PretextMethod):
     name = "mae-unet"
-    defaults = {"mask_ratio": 0.25, "patch": 16, "widths": [32, 64, 128, 256]}
+    # encoder_* keys matter when fine-tuning (--init): a fresh decoder/head first sends large, noisy
+    # gradients into the pretrained encoder; a smaller encoder LR, a few frozen steps and the
+    # pretrained BatchNorm statistics (eval-mode BN in the encoder) keep what it already knows.
+    defaults = {"mask_ratio": 0.25, "patch": 16, "widths": [32, 64, 128, 256], "encoder_lr_scale": 1.0,
+                "encoder_frozen_steps": 0, "freeze_encoder_bn": False}
 
     def build(self, config: dict[str, Any]) -> nn.Module:
         # the bare U-Net: forward() reconstructs, which is what DDP / the loop call
@@ -66,6 +70,18 @@ class MaeUNet(PretextMethod):
         when the source has none that fits."""
         state = {k[4:] if k.startswith("net.") else k: v for k, v in encoder.state_dict().items()}
         return load_matching(model, state)
+
+    def param_groups(self, model: nn.Module, config: dict[str, Any]) -> list[dict[str, Any]]:
+        enc = [p for n, p in model.named_parameters() if n.startswith("encoder.")]
+        rest = [p for n, p in model.named_parameters() if not n.startswith("encoder.")]
+        return [{"params": enc, "lr_scale": float(config.get("encoder_lr_scale", 1.0)),
+                 "frozen_steps": int(config.get("encoder_frozen_steps", 0))}, {"params": rest}]
+
+    def prepare_train(self, model: nn.Module, config: dict[str, Any]) -> None:
+        if config.get("freeze_encoder_bn"):
+            for mod in model.encoder.modules():
+                if isinstance(mod, nn.BatchNorm2d):
+                    mod.eval()
 
     def to_encoder(self, model: nn.Module, config: dict[str, Any]) -> UNetEncoder:
         enc = UNetEncoder({"widths": list(model.config["widths"])})
