@@ -179,7 +179,13 @@ def plate(
     model: Optional[str] = typer.Option(None, "--model", "-m", help="Registered model or checkpoint (default: the shipped default)."),
     channels: Optional[str] = typer.Option(None, "--channels", help="Channels to embed, e.g. GFP,DNA (default: all FileName_* columns)."),
     segment_channel: str = typer.Option("DNA", "--segment-channel", help="Channel to segment cells/nuclei on."),
-    segmenter: str = typer.Option("cellpose", "--segmenter", help="cellpose | classical."),
+    segmenter: str = typer.Option("cellpose", "--segmenter", help="cellpose | classical | masks (with --masks) | centres (with --centres)."),
+    masks: Optional[str] = typer.Option(None, "--masks", help="User label masks: a manifest column (e.g. FileName_NucleiMask) or a folder with one mask per field, named like the segment channel's file."),
+    centres: Optional[Path] = typer.Option(None, "--centres", "--centers", help="CSV of cell centres (*_Location_Center_X/Y; ImageNumber or shared Metadata_* columns)."),
+    centre_size: Optional[int] = typer.Option(None, "--centre-size", help="Crop side (px) around each given centre (default 2 x --diameter, else 32)."),
+    keep_border: bool = typer.Option(False, "--keep-border", help="Also crop cells touching the field's border (skipped by default)."),
+    preview: int = typer.Option(0, "--preview", help="Save a PNG montage of this many crops per field (previews/)."),
+    save_masks: bool = typer.Option(False, "--save-masks", help="Keep each field's label image (masks/<field>.tif) for audit."),
     diameter: Optional[float] = typer.Option(None, "--diameter", help="Object diameter in pixels (default: estimated)."),
     mode: str = typer.Option("crop", "--mode", help="crop | rescale | tile."),
     rescale_constant: Optional[float] = typer.Option(None, "--rescale-constant", help="Rc of the cell-region crop."),
@@ -195,6 +201,7 @@ def plate(
     batch_size: int = typer.Option(64, "--batch-size"),
     device: str = typer.Option("auto", "--device"),
     precision: str = typer.Option("fp32", "--precision", help="fp32 | bf16 | auto."),
+    threads: Optional[int] = typer.Option(None, "--threads", help="CPU threads for torch (default: all available)."),
     overwrite: bool = typer.Option(False, "--overwrite"),
 ) -> None:
     """A plate end to end: segment -> crop -> embed -> fields -> wells -> normalise/sphere -> report."""
@@ -204,8 +211,15 @@ def plate(
                       mode=mode, rescale_constant=rescale_constant, crop_size=crop_size, max_cells=max_cells,
                       model=model, batch_size=batch_size, device=device, precision=precision, controls=controls,
                       positive=positive or None, normalize=normalize, sphere=sphere, treatment=_split(treatment),
-                      fmt=fmt, save_cells=save_cells)
-    res = run_plate(manifest, output, s, overwrite=overwrite, command=command_line())
+                      fmt=fmt, save_cells=save_cells, masks=masks, centres=str(centres) if centres else None,
+                      centre_size=centre_size, keep_border=keep_border, preview=preview, save_masks=save_masks,
+                      threads=threads)
+    from .io.readers import read_csv
+
+    n_fields = len(read_csv(manifest)) if manifest.exists() else 0
+    bar, advance = progress_bar(n_fields, "fields")
+    with bar:
+        res = run_plate(manifest, output, s, overwrite=overwrite, command=command_line(), progress=advance)
     r = res.report
     console.print(f"{r.get('n_wells')} wells, Z' = {r.get('z_prime', float('nan')):.3f}, mean mAP = "
                   f"{r.get('mean_map', float('nan')):.3f}; report in {res.files['report_md']}")
@@ -217,7 +231,11 @@ def benchmark(
     model: List[str] = typer.Option(..., "--model", "-m", help="Registered model or checkpoint; repeat for several."),
     output: Path = typer.Option(..., "--output", "-o", help="Report folder (report.json, report.md, figures/, cache/)."),
     plot: str = typer.Option("umap", "--plot", help="umap | pca | none: 2-D map of each set's embeddings."),
-    fields_mode: Optional[str] = typer.Option(None, "--fields-mode", help="Passed to the whole-field pipeline for sets of kind 'fields'."),
+    fields_mode: Optional[str] = typer.Option(None, "--fields-mode", help="Sets of kind 'fields': crop (segment, crop cells, average; default) | rescale | tile."),
+    fields_segmenter: Optional[str] = typer.Option(None, "--fields-segmenter", help="Sets of kind 'fields': cellpose (default) | classical | masks (the set's masks.npy)."),
+    crop_size: Optional[int] = typer.Option(None, "--crop-size", help="Sets of kind 'fields': Sta, the crop/tile/rescale size (default: the model's input, else 224)."),
+    max_cells: Optional[int] = typer.Option(None, "--max-cells", help="Sets of kind 'fields': embed at most this many cells per field (seeded)."),
+    threads: Optional[int] = typer.Option(None, "--threads", help="CPU threads for torch (default: all available)."),
     batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Planes per forward pass (default: auto, by pixels)."),
     device: str = typer.Option("auto", "--device"),
     precision: str = typer.Option("fp32", "--precision", help="fp32 | bf16 | auto."),
@@ -230,6 +248,8 @@ def benchmark(
         raise MicrosnoopError(f"--plot must be umap, pca or none, not '{plot}'")
     res, paths = run(datasets, model, output, plot=plot, device=device, precision=precision, batch_size=batch_size,
                      fields_mode=fields_mode, progress_factory=progress_bar,
+                     fields_options={"segmenter": fields_segmenter, "crop_size": crop_size, "max_cells": max_cells},
+                     threads=threads,
                      notify=lambda m: console.print(f"[yellow]{m}[/yellow]", highlight=False))
     out = Console()
     out = out if out.is_terminal else Console(width=160)  # logs/CI: do not squeeze the columns into 80
@@ -268,6 +288,8 @@ def train(
     lr: Optional[float] = typer.Option(None, "--lr"),
     warmup_steps: Optional[int] = typer.Option(None, "--warmup-steps"),
     mask_ratio: Optional[float] = typer.Option(None, "--mask-ratio", help="mae-unet: share of 16x16 patches zeroed (0.25)."),
+    label: Optional[str] = typer.Option(None, "--label", help="cytoself: metadata column of the identity label (Metadata_Protein)."),
+    layer: Optional[int] = typer.Option(None, "--layer", help="paired-inpainting: encoder layer (1-5) the embedding is read from (4)."),
     seed: Optional[int] = typer.Option(None, "--seed"),
     precision: Optional[str] = typer.Option(None, "--precision", help="auto | fp32 | bf16 | fp16 (CUDA)."),
     checkpoint_every: Optional[int] = typer.Option(None, "--checkpoint-every"),
@@ -283,7 +305,8 @@ def train(
 
     opts = dict(input_size=input_size, batch_size=batch_size, steps=steps, epochs=epochs, epoch_images=epoch_images,
                 lr=lr, warmup_steps=warmup_steps, mask_ratio=mask_ratio, seed=seed, precision=precision,
-                checkpoint_every=checkpoint_every, workers=workers, holdout=holdout, init=init)
+                checkpoint_every=checkpoint_every, workers=workers, holdout=holdout, init=init,
+                label_column=label, layer=layer)
     opts.update(parse_overrides(set_ or []))
     prog = Progress(TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
                     TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(), console=console)

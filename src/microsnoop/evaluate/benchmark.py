@@ -174,8 +174,17 @@ def embed_array(images: np.ndarray, embedder: Any, progress: Callable[[int], Non
     return np.concatenate(parts) if parts else np.zeros((0, 0), np.float32)
 
 
+def fields_cache_tag(fields_mode: str | None, fields_options: dict[str, Any] | None) -> str | None:
+    """The part of the cache key that says how fields were turned into vectors."""
+    opts = {k: v for k, v in sorted((fields_options or {}).items()) if v is not None}
+    if not fields_mode and not opts:
+        return None
+    return "_".join([fields_mode or "default"] + [f"{k}={v}" for k, v in opts.items()])
+
+
 def embed_set(bset: BenchmarkSet, embedder: Any, cache: EmbeddingCache, progress_factory: ProgressFactory,
-              fields_mode: str | None = None) -> tuple[pd.DataFrame, np.ndarray, float] | str:
+              fields_mode: str | None = None, fields_options: dict[str, Any] | None = None
+              ) -> tuple[pd.DataFrame, np.ndarray, float] | str:
     """(metadata, X, seconds it took to embed) from the cache or the engine; a string = reason to skip."""
     enc = embedder.encoder
     hook = fields_hook() if bset.kind == "fields" else None
@@ -184,7 +193,8 @@ def embed_set(bset: BenchmarkSet, embedder: Any, cache: EmbeddingCache, progress
                 "embed_fields_dataset), which this version does not have: skipped")
     if bset.kind not in ("single_cell", "fields"):
         return f"unknown set kind '{bset.kind}': skipped"
-    key = cache.key(bset, enc.name, enc.sha256, embedder.precision, fields_mode if hook else None)
+    key = cache.key(bset, enc.name, enc.sha256, embedder.precision,
+                    fields_cache_tag(fields_mode, fields_options) if hook else None)
     hit = cache.load(key)
     if hit is not None:
         meta, X, info = hit
@@ -193,6 +203,8 @@ def embed_set(bset: BenchmarkSet, embedder: Any, cache: EmbeddingCache, progress
     t0 = time.perf_counter()
     if hook is not None:
         kwargs = {"mode": fields_mode} if fields_mode else {}
+        kwargs.update({k: v for k, v in (fields_options or {}).items() if v is not None})
+        kwargs.update(cache_dir=cache.dir / "segmentations", data_sha256=bset.data_sha256)  # segment once per set
         meta, X = hook(bset.path, embedder, **kwargs)
         meta = pd.DataFrame(meta).reset_index(drop=True)
     else:
@@ -203,7 +215,8 @@ def embed_set(bset: BenchmarkSet, embedder: Any, cache: EmbeddingCache, progress
     embed_s = time.perf_counter() - t0
     info = {"dataset": bset.name, "data_sha256": bset.data_sha256, "model": enc.name, "model_sha256": enc.sha256,
             "precision": embedder.precision, "device": str(embedder.device), "embed_s": round(embed_s, 3),
-            "shape": list(X.shape), "fields_mode": fields_mode if hook else None}
+            "shape": list(X.shape), "fields_mode": fields_mode if hook else None,
+            "fields_options": (fields_options or None) if hook else None}
     cache.save(key, X, info, meta)
     return (bset.metadata if meta is None else meta), np.asarray(X, np.float32), embed_s
 
@@ -224,15 +237,16 @@ def record_for(bset: BenchmarkSet, model: str, model_sha: str, column: str, res:
 TIMING_KEYS = ("wall_s", "embed_s")
 
 
-def build_embedder(model: str, device: str, precision: str, batch_size: int | None) -> Any:
+def build_embedder(model: str, device: str, precision: str, batch_size: int | None, threads: int | None = None) -> Any:
     from ..embed import Embedder
 
-    return Embedder(model, device=device, precision=precision, batch_size=batch_size)
+    return Embedder(model, device=device, precision=precision, batch_size=batch_size, threads=threads)
 
 
 def run_benchmark(dataset_dirs: Sequence[str | Path], models: Sequence[str], report_dir: str | Path, *,
                   device: str = "auto", precision: str = "fp32", batch_size: int | None = None,
                   skip_missing_models: bool = False, fields_mode: str | None = None,
+                  fields_options: dict[str, Any] | None = None, threads: int | None = None,
                   progress_factory: ProgressFactory | None = None,
                   notify: Callable[[str], None] | None = None) -> BenchmarkRun:
     """Embed every set with every model (cached) and score all of each set's protocols.
@@ -258,7 +272,7 @@ def run_benchmark(dataset_dirs: Sequence[str | Path], models: Sequence[str], rep
     devices_used: set[str] = set()
     for model in dict.fromkeys(models):
         try:
-            embedder = build_embedder(model, device, precision, batch_size)
+            embedder = build_embedder(model, device, precision, batch_size, threads)
         except MicrosnoopError as exc:
             if not skip_missing_models:
                 raise
@@ -272,7 +286,7 @@ def run_benchmark(dataset_dirs: Sequence[str | Path], models: Sequence[str], rep
                                 "weights": (enc.spec.extra.get("weights") if enc.spec else None) or "learned",
                                 "description": enc.spec.description if enc.spec else "checkpoint " + str(model)}
         for bset in sets:
-            got = embed_set(bset, embedder, cache, progress_factory, fields_mode)
+            got = embed_set(bset, embedder, cache, progress_factory, fields_mode, fields_options)
             if isinstance(got, str):
                 notify(f"{bset.name} x {enc.name}: {got}")
                 skipped.append({"dataset": bset.name, "model": enc.name, "reason": got})
@@ -291,5 +305,6 @@ def run_benchmark(dataset_dirs: Sequence[str | Path], models: Sequence[str], rep
                          "channels": s.info.get("channels"), "data_sha256": s.data_sha256,
                          "protocols": [protocol_key(p, s.label) for p in s.protocols]} for s in sets}
     settings = {"device": device, "precision": precision, "batch_size": batch_size, "fields_mode": fields_mode,
+                "fields_options": {k: v for k, v in (fields_options or {}).items() if v is not None} or None,
                 "devices_used": sorted(devices_used)}
     return BenchmarkRun(records, set_results, datasets, model_info, skipped, settings)

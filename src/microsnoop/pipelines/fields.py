@@ -317,14 +317,47 @@ def plate_fields(manifest: str | Path, s: Any, progress: Callable[[int], None] |
 
 # ------------------------------------------------------------------------------- benchmark sets
 
+def segment_dataset(images: np.ndarray, segmenter: str = "cellpose", diameter: float | None = None,
+                    segment_index: int = 0, device: str = "cpu", cache_dir: str | Path | None = None,
+                    data_sha256: str | None = None) -> tuple[np.ndarray, dict[str, Any]]:
+    """Label images (N, H, W) int32 of one channel of every field, with the segmenter's provenance
+    and wall time. With ``cache_dir`` (and the images' sha256) the labels are kept in
+    ``<cache_dir>/<data>__<settings>.npy``, so several models or modes segment a set only once."""
+    import hashlib
+    import json
+    import time
+
+    from ..io.atomic import save_npy_atomic
+    from ..segment import get_segmenter
+
+    seg = get_segmenter(segmenter, diameter, device=device)
+    prov = getattr(seg, "provenance", lambda: {"segmenter": segmenter, "diameter": diameter or "estimated"})()
+    prov = {**prov, "segment_index": segment_index}
+    path = None
+    if cache_dir is not None and data_sha256:
+        tag = hashlib.sha256(json.dumps(prov, sort_keys=True, default=str).encode()).hexdigest()[:12]
+        path = Path(cache_dir) / f"{data_sha256[:16]}__{segmenter}__{tag}.npy"
+        if path.exists():
+            return np.load(path).astype(np.int32), {**prov, "cached": str(path)}
+    t0 = time.perf_counter()
+    labels = np.stack([seg(np.asarray(images[i, segment_index])) for i in range(len(images))])
+    prov["wall_s"] = round(time.perf_counter() - t0, 2)
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_npy_atomic(path, labels.astype(np.uint16 if labels.max() < 65536 else np.int32))
+    return labels.astype(np.int32), prov
+
+
 def embed_fields_dataset(set_path: str | Path, embedder: Any, mode: str = "crop", segmenter: str = "cellpose",
                          diameter: float | None = None, crop_size: int | None = None, max_cells: int | None = None,
                          rescale_constant: float | None = None, segment_channel: str | None = None,
-                         seed: int = 0) -> tuple[pd.DataFrame, np.ndarray]:
+                         seed: int = 0, cache_dir: str | Path | None = None,
+                         data_sha256: str | None = None) -> tuple[pd.DataFrame, np.ndarray]:
     """A benchmark set of whole fields (images.npy + metadata.csv + dataset.json) -> (metadata with
     ``Metadata_Count`` / ``Metadata_CellsFound``, (n_fields, C * dim) float32 field vectors).
 
-    ``segmenter="masks"`` uses ``masks.npy`` beside ``images.npy`` (the set's own label masks)."""
+    ``segmenter="masks"`` uses ``masks.npy`` beside ``images.npy`` (the set's own label masks);
+    ``cache_dir`` + ``data_sha256`` keep the segmentation for reuse (see :func:`segment_dataset`)."""
     import json
 
     set_path = Path(set_path)
@@ -352,6 +385,9 @@ def embed_fields_dataset(set_path: str | Path, embedder: Any, mode: str = "crop"
         masks = load_masks_npy(masks_npy_for(img_path), len(images), images.shape[2:])
     elif opts.segmenter == "centres" and opts.mode == "crop":
         raise MicrosnoopError("--segmenter centres is for manifests (plate); use masks, cellpose or classical")
+    elif opts.mode == "crop":
+        masks, _ = segment_dataset(images, opts.segmenter, opts.diameter, seg_i, device=str(embedder.device),
+                                   cache_dir=cache_dir, data_sha256=data_sha256)
     fe = FieldEmbedder(embedder, opts, segment_index=seg_i)
     results = []
     for i in range(len(images)):

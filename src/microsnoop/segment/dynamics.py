@@ -88,29 +88,29 @@ def masks_to_flows(masks: np.ndarray, niter: int | None = None) -> np.ndarray:
         centres.append((yy[k], xx[k]))
         ext = max(ext, sl[0].stop - sl[0].start, sl[1].stop - sl[1].start)
     niter = niter or 2 * ext
-    cy, cx = np.array(centres).T + 1
+    # work on the mask pixels only (flat indices into the 1-px padded image, whose border is background)
     L = np.pad(masks, 1)
-    T = np.zeros(L.shape, np.float64)
-    shifts = [(dy, dx) for dy in (-1, 0, 1) for dx in (-1, 0, 1)]
-    inner = (slice(1, H + 1), slice(1, W + 1))
-
-    def nb(a: np.ndarray, dy: int, dx: int) -> np.ndarray:
-        return a[1 + dy:H + 1 + dy, 1 + dx:W + 1 + dx]
-
-    same = [(nb(L, dy, dx) == L[inner]) & (L[inner] > 0) for dy, dx in shifts]
+    Wp = W + 2
+    flat = np.flatnonzero(L)
+    offsets = np.array([dy * Wp + dx for dy in (-1, 0, 1) for dx in (-1, 0, 1)])
+    nbr = flat[None, :] + offsets[:, None]                       # (9, n)
+    same = (L.ravel()[nbr] == L.ravel()[flat][None, :]).astype(np.float32)
+    pos = np.full(L.size, -1, np.int64)
+    pos[flat] = np.arange(len(flat))
+    nbr_pos = np.where(same > 0, pos[nbr], 0)                    # neighbours of another mask count as 0
+    cy, cx = np.array(centres).T + 1
+    cpos = pos[cy * Wp + cx]
+    T = np.zeros(len(flat), np.float32)
     for _ in range(niter):
-        T[cy, cx] += 1
-        acc = np.zeros((H, W))
-        for (dy, dx), s in zip(shifts, same):
-            acc += nb(T, dy, dx) * s
-        T[inner] = acc / 9.0
+        T[cpos] += 1
+        T = (T[nbr_pos] * same).sum(axis=0) / 9.0
     T = np.log1p(T)
-    gy = nb(T, 1, 0) * same[7] - nb(T, -1, 0) * same[1]
-    gx = nb(T, 0, 1) * same[5] - nb(T, 0, -1) * same[3]
+    Tn = T[nbr_pos] * same                                       # (9, n) neighbour values, row = (dy+1)*3+(dx+1)
+    gy, gx = Tn[7] - Tn[1], Tn[5] - Tn[3]
     norm = np.sqrt(gy ** 2 + gx ** 2) + 1e-20
-    inside = masks > 0
-    mu[0][inside] = (gy / norm)[inside]
-    mu[1][inside] = (gx / norm)[inside]
+    yy, xx = np.divmod(flat, Wp)
+    mu[0, yy - 1, xx - 1] = gy / norm
+    mu[1, yy - 1, xx - 1] = gx / norm
     return mu
 
 
