@@ -2,6 +2,7 @@
 
     PYTHONPATH=src python benchmarks/plate.py [--models default,handcrafted] [--out /tmp/plate_bench]
                                                [--segmenter cellpose] [--max-cells 64] [--crop-size 64]
+                                               [--threads 1] [--no-share-masks]
 
 Each model runs the documented command (timed as a subprocess, so the wall time is what a user
 waits for, imports and model loading included):
@@ -9,7 +10,9 @@ waits for, imports and model loading included):
     microsnoop plate ../shared/data/plates/bbbc013/manifest.csv -o OUT --model M --channels GFP,DNA \
         --segment-channel DNA --segmenter S --max-cells N --crop-size C
 
-and the script prints, per model: number of well profiles, Z' (negative vs positive controls along
+(the first model's run keeps its masks with --save-masks and the other models reuse them with
+``--segmenter masks --masks FIRST/masks``, so the plate is segmented once; --no-share-masks
+segments again per model), and the script prints, per model: number of well profiles, Z' (negative vs positive controls along
 mean(pos) - mean(neg) of the sphered well profiles), Spearman of that score with
 Metadata_DoseIndex in each row block, mAP per dose (copairs, replicates vs negative controls) and
 the wall time. Results also go to OUT/summary.json.
@@ -28,11 +31,16 @@ ROOT = Path(__file__).resolve().parents[1]
 MANIFEST = ROOT.parent / "shared" / "data" / "plates" / "bbbc013" / "manifest.csv"
 
 
-def run_model(model: str, args: argparse.Namespace) -> dict:
+def run_model(model: str, args: argparse.Namespace, masks: Path | None = None) -> dict:
     out = Path(args.out) / model
+    seg = ["--segmenter", "masks", "--masks", str(masks)] if masks else ["--segmenter", args.segmenter]
     cmd = [sys.executable, "-m", "microsnoop", "plate", str(args.manifest), "-o", str(out), "--model", model,
-           "--channels", "GFP,DNA", "--segment-channel", "DNA", "--segmenter", args.segmenter,
+           "--channels", "GFP,DNA", "--segment-channel", "DNA", *seg,
            "--crop-size", str(args.crop_size), "--precision", args.precision, "--device", "cpu", "--overwrite"]
+    if args.threads:
+        cmd += ["--threads", str(args.threads)]
+    if args.share_masks and masks is None:
+        cmd += ["--save-masks"]
     if args.max_cells:
         cmd += ["--max-cells", str(args.max_cells)]
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src") + os.pathsep + os.environ.get("PYTHONPATH", "")}
@@ -48,11 +56,17 @@ def run_model(model: str, args: argparse.Namespace) -> dict:
             "n_cells": rep.get("n_cells"), "z_prime": rep["z_prime"], "dose_spearman": rep.get("dose_spearman"),
             "dose_spearman_series_only": rep.get("dose_spearman_series_only"), "mean_map": rep.get("mean_map"),
             "map": rep.get("map"), "fraction_retrieved": rep.get("fraction_retrieved"), "wall_s": wall,
-            "timings": rep.get("timings"), "command": " ".join(cmd[1:])}
+            "timings": rep.get("timings"), "fields_timings_s": rep["provenance"].get("fields_timings_s"),
+            "segmentation": rep["provenance"].get("segmentation"),
+            "diameter_estimate": rep["provenance"].get("diameter_estimate"), "command": " ".join(cmd[1:]),
+            "out": str(out)}
 
 
 def print_summary(r: dict) -> None:
-    print(f"\n== {r['model']} ==  wall time {r['wall_s']:.0f} s  ({r['n_cells']} cells)")
+    ft = r.get("fields_timings_s") or {}
+    print(f"\n== {r['model']} ==  wall time {r['wall_s']:.0f} s  ({r['n_cells']} cells; segmentation "
+          f"{(r.get('segmentation') or {}).get('segmenter')} {ft.get('segment', float('nan')):.0f} s, "
+          f"crop+embed {ft.get('crop_embed', float('nan')):.0f} s)")
     print(f"well profiles: {r['n_wells']}   Z' (neg vs pos): {r['z_prime']:.3f}   mean mAP: {r['mean_map']:.3f} "
           f"({r['fraction_retrieved']:.0%} treatments significant)")
     for blk, s in (r["dose_spearman"] or {}).items():
@@ -76,6 +90,9 @@ def main() -> None:
     ap.add_argument("--max-cells", type=int, default=64)
     ap.add_argument("--crop-size", type=int, default=64)
     ap.add_argument("--precision", default="bf16")
+    ap.add_argument("--threads", type=int, default=None, help="torch threads per run (1 on a shared machine)")
+    ap.add_argument("--no-share-masks", dest="share_masks", action="store_false",
+                    help="segment again for every model (default: the first model saves its masks, the others reuse them)")
     args = ap.parse_args()
     if not Path(args.manifest).exists():
         raise SystemExit(f"plate not found at {args.manifest}")
@@ -84,8 +101,11 @@ def main() -> None:
 
     models = [default_model_name() if m == "default" else m for m in args.models.split(",")]
     results = []
+    masks = None
     for m in models:
-        r = run_model(m, args)
+        r = run_model(m, args, masks)
+        if args.share_masks and masks is None:
+            masks = Path(r["out"]) / "masks"
         print_summary(r)
         results.append(r)
     Path(args.out).mkdir(parents=True, exist_ok=True)

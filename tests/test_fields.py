@@ -153,7 +153,7 @@ def test_classical_segmentation_f1_on_real_fields(coelho):
 
     images, truth = coelho
     r = match_many(truth, [segment(im[0], "classical") for im in images])
-    assert r.f1 > 0.70, r.as_dict()          # measured 0.79 pooled on these three fields
+    assert r.f1 > 0.70, r.as_dict()          # measured 0.76 pooled on these three fields
 
 
 def test_cellpose_segmentation_f1_on_real_fields(coelho):
@@ -164,7 +164,7 @@ def test_cellpose_segmentation_f1_on_real_fields(coelho):
     images, truth = coelho
     seg = get_segmenter("cellpose")
     r = match_many(truth, [seg(im[0]) for im in images])
-    assert r.f1 > 0.82, r.as_dict()          # measured 0.89 pooled (estimated diameter, bf16)
+    assert r.f1 > 0.82, r.as_dict()          # measured 0.90 pooled (estimated diameter, bf16)
     assert 20 < seg.last_diameter < 35       # nuclei are ~27 px across
 
 
@@ -246,12 +246,10 @@ def test_plate_previews_masks_and_user_masks(plate2, tmp_path, cli):
     rep = json.loads((out / "report.json").read_text())
     assert rep["provenance"]["segmentation"]["segmenter"] == "classical"
     assert not any(p.name.endswith("aux-partial") for p in tmp_path.iterdir())
-    # the saved masks fed back as user masks (a folder, files named like the DNA channel's) give the same cells
+    # saved masks are named like the DNA channel's files, so the folder is reusable as user masks
     df = pd.read_csv(plate2)
-    mdir = tmp_path / "usermasks"
-    mdir.mkdir()
-    for f, m in zip(df["FileName_DNA"], masks):
-        (mdir / Path(f).name).write_bytes(m.read_bytes())
+    assert sorted(m.stem for m in masks) == sorted(Path(f).stem for f in df["FileName_DNA"])
+    mdir = out / "masks"
     out2 = tmp_path / "run2"
     code, _, err = cli("plate", plate2, "-o", out2, "--segmenter", "masks", "--masks", mdir, *FAST)
     assert code == 0, err

@@ -182,6 +182,17 @@ def fields_cache_tag(fields_mode: str | None, fields_options: dict[str, Any] | N
     return "_".join([fields_mode or "default"] + [f"{k}={v}" for k, v in opts.items()])
 
 
+def _accepted(fn: Callable[..., Any], kwargs: dict[str, Any], always: Sequence[str] = ()) -> dict[str, Any]:
+    """The keyword arguments ``fn`` takes (the user's own options always go through, so a hook that
+    does not know one fails loudly rather than silently ignoring it)."""
+    import inspect
+
+    params = inspect.signature(fn).parameters
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return kwargs
+    return {k: v for k, v in kwargs.items() if k in params or k in always}
+
+
 def embed_set(bset: BenchmarkSet, embedder: Any, cache: EmbeddingCache, progress_factory: ProgressFactory,
               fields_mode: str | None = None, fields_options: dict[str, Any] | None = None
               ) -> tuple[pd.DataFrame, np.ndarray, float] | str:
@@ -205,6 +216,7 @@ def embed_set(bset: BenchmarkSet, embedder: Any, cache: EmbeddingCache, progress
         kwargs = {"mode": fields_mode} if fields_mode else {}
         kwargs.update({k: v for k, v in (fields_options or {}).items() if v is not None})
         kwargs.update(cache_dir=cache.dir / "segmentations", data_sha256=bset.data_sha256)  # segment once per set
+        kwargs = _accepted(hook, kwargs, always=("mode", *(fields_options or {})))
         meta, X = hook(bset.path, embedder, **kwargs)
         meta = pd.DataFrame(meta).reset_index(drop=True)
     else:

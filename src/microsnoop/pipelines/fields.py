@@ -33,6 +33,7 @@ from .crop import (CELL_COLUMNS, DEFAULT_RC, DEFAULT_STA, cell_table, centre_tab
 log = logging.getLogger("microsnoop")
 
 SEGMENTER_CHOICES = ("cellpose", "classical", "masks", "centres")
+ESTIMATE_FIELDS = 3  # plates: Cellpose's size is estimated on this many fields (first, middle, last), then fixed
 
 
 @dataclass
@@ -274,8 +275,20 @@ def plate_fields(manifest: str | Path, s: Any, progress: Callable[[int], None] |
         centres = load_centres(s.centres, meta)
     embedder = Embedder(s.model, device=s.device, precision=s.precision, batch_size=s.batch_size,
                         threads=getattr(s, "threads", None))
-    fe = FieldEmbedder(embedder, opts, segment_index=opened.index(seg_ch) if needs_seg else 0,
-                       embed_index=[opened.index(c) for c in embed_ch])
+    seg_index = opened.index(seg_ch) if needs_seg else 0
+    diameter_note = None
+    if needs_seg and opts.segmenter == "cellpose" and opts.diameter is None and mask_files is None:
+        # one magnification per plate: estimate the size on a few fields spread over it, then fix it
+        from ..segment import get_segmenter
+
+        probe_seg = get_segmenter("cellpose", None, device=str(embedder.device))
+        picks = sorted(set(np.linspace(0, len(meta) - 1, min(ESTIMATE_FIELDS, len(meta))).round().astype(int)))
+        diams = [probe_seg.estimate_diameter(src.read_one(int(i))[seg_index]) for i in picks]
+        opts.diameter = float(np.median(diams))
+        diameter_note = {"estimated_on_fields": [int(i) for i in picks], "estimates": [round(d, 2) for d in diams],
+                         "diameter": round(opts.diameter, 2)}
+        log.info("cellpose: diameter %.1f px (median of fields %s)", opts.diameter, picks)
+    fe = FieldEmbedder(embedder, opts, segment_index=seg_index, embed_index=[opened.index(c) for c in embed_ch])
     preview = int(getattr(s, "preview", 0) or 0)
     save_masks = bool(getattr(s, "save_masks", False))
     aux = Path(aux_dir) if aux_dir is not None else None
@@ -283,9 +296,15 @@ def plate_fields(manifest: str | Path, s: Any, progress: Callable[[int], None] |
         raise MicrosnoopError("previews/masks need an output folder")
     from ..segment.masks import read_mask_file
 
+    import time
+
     results: list[FieldResult] = []
+    t_read = t_seg = t_embed = 0.0
     for i in range(len(meta)):
+        t0 = time.perf_counter()
         img = src.read_one(i)
+        t1 = time.perf_counter()
+        t_read += t1 - t0
         labels = table = None
         if mask_files is not None:
             labels = read_mask_file(mask_files[i], img.shape[1:])
@@ -295,12 +314,15 @@ def plate_fields(manifest: str | Path, s: Any, progress: Callable[[int], None] |
             table = centre_table(ys, xs, size, img.shape[1:])
         elif needs_seg:
             labels = fe.labels_for(img)
+        t2 = time.perf_counter()
+        t_seg += t2 - t1
         r = fe(img, i, labels=labels, table=table, keep_crops=bool(preview))
+        t_embed += time.perf_counter() - t2
         key = field_key(meta.iloc[i], i)
         if preview and r.crops is not None:
             save_montage(r.crops, aux / "previews" / f"{key}.png", preview)
-        if save_masks and r.labels is not None:
-            save_mask(r.labels, aux / "masks" / f"{key}.tif")
+        if save_masks and r.labels is not None:  # named like the segment channel's file: reusable as --masks
+            save_mask(r.labels, aux / "masks" / (src.files[i][seg_index].stem + ".tif"))
         r.crops = None
         r.labels = None
         results.append(r)
@@ -310,6 +332,8 @@ def plate_fields(manifest: str | Path, s: Any, progress: Callable[[int], None] |
     prov = embedder.provenance()
     prov = {**prov, "sha256": prov.get("model_sha256"), "channels": embed_ch,
             "segment_channel": seg_ch if needs_seg else None, **fe.provenance(),
+            "diameter_estimate": diameter_note,
+            "fields_timings_s": {"read": round(t_read, 2), "segment": round(t_seg, 2), "crop_embed": round(t_embed, 2)},
             "n_fields": len(results), "n_cells_found": int(sum(r.n_found for r in results)),
             "n_cells_embedded": int(sum(r.count for r in results)), "n_fields_without_cells": fe.fallbacks}
     return cells, fields_df, feats, prov
@@ -338,13 +362,19 @@ def segment_dataset(images: np.ndarray, segmenter: str = "cellpose", diameter: f
         tag = hashlib.sha256(json.dumps(prov, sort_keys=True, default=str).encode()).hexdigest()[:12]
         path = Path(cache_dir) / f"{data_sha256[:16]}__{segmenter}__{tag}.npy"
         if path.exists():
-            return np.load(path).astype(np.int32), {**prov, "cached": str(path)}
+            side = path.with_suffix(".json")
+            done = json.loads(side.read_text()) if side.exists() else prov
+            return np.load(path).astype(np.int32), {**done, "cached": str(path)}
     t0 = time.perf_counter()
     labels = np.stack([seg(np.asarray(images[i, segment_index])) for i in range(len(images))])
     prov["wall_s"] = round(time.perf_counter() - t0, 2)
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
         save_npy_atomic(path, labels.astype(np.uint16 if labels.max() < 65536 else np.int32))
+        from ..io.atomic import atomic_path
+
+        with atomic_path(path.with_suffix(".json")) as tmp:
+            tmp.write_text(json.dumps(prov, default=str))
     return labels.astype(np.int32), prov
 
 

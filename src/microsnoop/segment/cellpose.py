@@ -146,7 +146,17 @@ class CellposeSegmenter:
                 "niter": self.niter, "cellprob_threshold": self.cellprob_threshold,
                 "flow_threshold": self.flow_threshold, "min_size": self.min_size, "precision": self.precision}
 
-    def flows(self, image: np.ndarray) -> tuple[np.ndarray, np.ndarray, float]:
+    def estimate_diameter(self, image: np.ndarray) -> float:
+        """The object diameter (px) this segmenter would estimate for ``image`` (see :meth:`flows`)."""
+        old = self.diameter
+        self.diameter = None
+        try:
+            self.flows(np.asarray(image), final_pass=False)
+        finally:
+            self.diameter = old
+        return float(self.last_diameter)
+
+    def flows(self, image: np.ndarray, final_pass: bool = True) -> tuple[np.ndarray, np.ndarray, float]:
         """(flows, cellprob, rescale) at the network scale.
 
         Size estimation as Cellpose's SizeModel: the style vector of a pass at scale 1 gives a first
@@ -171,7 +181,7 @@ class CellposeSegmenter:
             diam = float(2 * np.sqrt(np.median(areas[areas > 0]) / np.pi)) / rescale
         diam = float(np.clip(diam, 5.0, 500.0))
         self.last_diameter = diam
-        if abs(DIAM_MEAN / diam - rescale) > 0.1 * rescale:
+        if final_pass and abs(DIAM_MEAN / diam - rescale) > 0.1 * rescale:
             rescale = DIAM_MEAN / diam
             dP, cp, _ = run_network(self.net, image, rescale, self.precision)
         return dP, cp, rescale
