@@ -180,3 +180,78 @@ def step_loader(dataset: StepBatches, start: int, stop: int, workers: int = 1, p
 
 def _worker_init(_: int) -> None:
     torch.set_num_threads(1)  # crops are small; one thread per worker leaves the cores to the model
+
+
+class LabelledSet:
+    """A benchmark-style set (``images.npy`` (N, C, H, W) + ``metadata.csv``) held in memory, normalised.
+
+    Why: pretexts such as cytoself (identity classification) and paired cell inpainting (cells of the
+    same field) need per-cell labels or groups that a folder of fields does not have. Rows can be
+    restricted to one split (``Metadata_Split == "train"``) so the test cells of a benchmark stay
+    unseen. Planes are percentile-normalised per cell and channel exactly as the embedding engine
+    does, so training inputs match what ``embed`` feeds the encoder.
+    """
+
+    def __init__(self, data_path: str | Path, split: str | None = "train", split_column: str = "Metadata_Split",
+                 label_column: str | None = None, group_column: str | None = None):
+        import pandas as pd
+
+        from ..embed.normalize import normalize_percentile
+
+        path = Path(data_path)
+        folder = path.parent if path.suffix == ".npy" else path
+        img_path, meta_path = folder / "images.npy", folder / "metadata.csv"
+        for p in (img_path, meta_path):
+            if not p.exists():
+                raise MicrosnoopError("this method trains on a labelled set: expected images.npy + metadata.csv", p)
+        meta = pd.read_csv(meta_path)
+        images = np.load(img_path, mmap_mode="r")
+        if images.ndim != 4 or len(images) != len(meta):
+            raise MicrosnoopError(f"images {images.shape} do not match {len(meta)} metadata rows", folder)
+        rows = np.arange(len(meta))
+        if split:
+            if split_column not in meta.columns:
+                raise MicrosnoopError(f"split column '{split_column}' not in metadata (set split=null to use all rows)", meta_path)
+            rows = rows[(meta[split_column].astype(str) == split).to_numpy()]
+            if not len(rows):
+                raise MicrosnoopError(f"no rows with {split_column} == '{split}'", meta_path)
+        self.rows = rows
+        self.meta = meta.iloc[rows].reset_index(drop=True)
+        self.images = normalize_percentile(np.asarray(images[rows]))  # (N, C, H, W) float32
+        self.n_channels = int(self.images.shape[1])
+        h = hashlib.sha256(img_path.read_bytes())
+        h.update(meta_path.read_bytes())
+        h.update(f"{split}|{split_column}|{label_column}|{group_column}".encode())
+        self.manifest_sha256 = h.hexdigest()
+        self.holdout: list[str] = []
+        self.label_column, self.group_column = label_column, group_column
+        self.classes: list[str] = []
+        self.labels = np.zeros(len(rows), np.int64)
+        if label_column:
+            if label_column not in self.meta.columns:
+                raise MicrosnoopError(f"label column '{label_column}' not in metadata", meta_path)
+            values = self.meta[label_column].astype(str).to_numpy()
+            self.classes = sorted(set(values))
+            self.labels = np.searchsorted(np.array(self.classes), values).astype(np.int64)
+        self.groups: list[np.ndarray] = []
+        if group_column:
+            if group_column not in self.meta.columns:
+                raise MicrosnoopError(f"group column '{group_column}' not in metadata", meta_path)
+            codes = self.meta[group_column].astype(str).to_numpy()
+            self.groups = [np.flatnonzero(codes == g) for g in sorted(set(codes))]
+
+    def __len__(self) -> int:
+        return len(self.images) * self.n_channels
+
+    def counts(self) -> dict[str, int]:
+        if self.classes:
+            return {c: int((self.labels == i).sum()) for i, c in enumerate(self.classes)}
+        return {"all": len(self.images)}
+
+
+def flip_rot(plane: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """One of the 8 dihedral transforms, at random (cells have no preferred orientation)."""
+    plane = np.rot90(plane, int(rng.integers(0, 4)), axes=(-2, -1))
+    if rng.random() < 0.5:
+        plane = plane[..., ::-1]
+    return np.ascontiguousarray(plane, dtype=np.float32)

@@ -1,0 +1,284 @@
+"""Peer pretext methods (dino-vit, cytoself, paired-inpainting) and channel attribution.
+
+Per method: the loss on a tiny real batch (a known value, or falling over a few optimiser steps),
+a checkpoint round trip through the training loop's export, and an embed run through the CLI.
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+TINY = dict(batch_size=4, warmup_steps=1, checkpoint_every=2, workers=0, seed=5, steps=2)
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """One torch thread per test: the embed CLI sets threads to every core, and on a loaded 2-core
+    machine the following small training steps then ran ~25x slower (thread oversubscription)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def pool8(shared_data, tmp_path_factory) -> Path:
+    """8 real pretraining images (2 per modality), centre-cropped to 96 px, with a manifest."""
+    import tifffile
+
+    from microsnoop.io.images import read_image
+
+    src = shared_data / "pretrain"
+    man = pd.read_csv(src / "manifest.csv")
+    d = tmp_path_factory.mktemp("pool8m")
+    rows = []
+    for modality, grp in man.groupby("modality"):
+        for rel in grp["path"].iloc[:2]:
+            img = read_image(src / rel)[0]
+            y0, x0 = (img.shape[0] - 96) // 2, (img.shape[1] - 96) // 2
+            tifffile.imwrite(d / Path(rel).name, img[y0:y0 + 96, x0:x0 + 96])
+            rows.append({"path": Path(rel).name, "modality": modality})
+    pd.DataFrame(rows).to_csv(d / "manifest.csv", index=False)
+    return d
+
+
+@pytest.fixture(scope="module")
+def yeast82(yeast, tmp_path_factory) -> Path:
+    """Every 20th yeast cell (83 real cells: all 5 proteins, 20 fields, both splits) as a labelled set."""
+    import shutil
+
+    d = tmp_path_factory.mktemp("yeast82")
+    rows = np.arange(0, 1642, 20)
+    np.save(d / "images.npy", np.load(yeast / "images.npy", mmap_mode="r")[rows])
+    pd.read_csv(yeast / "metadata.csv").iloc[rows].to_csv(d / "metadata.csv", index=False)
+    shutil.copy(yeast / "dataset.json", d / "dataset.json")
+    return d
+
+
+def _fit(method: str, model: torch.nn.Module, batch: dict, steps: int, lr: float = 2e-3) -> list[float]:
+    """Losses of ``steps`` AdamW steps on one fixed batch (fp32)."""
+    from microsnoop.train.base import get_method
+
+    m = get_method(method)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
+    losses = []
+    for _ in range(steps):
+        loss, _ = m.loss(model, batch)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(float(loss.detach()))
+    return losses
+
+
+def _round_trip(run: Path, method: str, x: torch.Tensor) -> None:
+    """The exported checkpoint rebuilds (by its arch) the encoder to_encoder gives, bit for bit."""
+    from microsnoop.models import create_model
+    from microsnoop.train.base import get_method
+    from microsnoop.train.loop import load_training_state
+
+    m = get_method(method)
+    state = load_training_state(run / "checkpoint.pt")
+    model = m.build(state["config"])
+    model.load_state_dict(state["model"])
+    direct = m.to_encoder(model, state["config"])
+    loaded = create_model(run / "model.safetensors")
+    with torch.no_grad():
+        a, b = direct(x), loaded(x)
+    assert a.shape == (len(x), loaded.dim) and torch.isfinite(a).all()
+    assert torch.equal(a, b)
+    assert loaded.header["steps"] == 2 and loaded.config["method"] == method
+
+
+def _embed_cli(cli, run: Path, yeast82: Path, tmp_path: Path, dim: int) -> None:
+    from microsnoop.io.writers import read_embeddings
+
+    out = tmp_path / "emb.parquet"
+    code, _, err = cli("embed", yeast82 / "images.npy", "--model", run / "model.safetensors", "-o", out)
+    assert code == 0, err
+    meta, X, prov = read_embeddings(out)
+    assert X.shape == (83, 2 * dim) and np.isfinite(X).all()
+    assert prov["precision"] == "fp32"  # not a bf16-validated architecture: auto stays fp32
+
+
+# ------------------------------------------------------------------ dino-vit
+def test_dino_loss_known_values():
+    from microsnoop.train.methods.dino_vit import dino_loss, momentum_at, teacher_temp_at
+
+    k, b = 64, 3
+    zeros = torch.zeros(4 * b, k)  # uniform teacher and student: cross-entropy = log K exactly
+    assert dino_loss(zeros, zeros[:2 * b], torch.zeros(1, k), 4, 0.1, 0.04).item() == pytest.approx(math.log(k), rel=1e-6)
+    # a sharp teacher whose targets the student already puts (almost) all mass on: loss ~ 0
+    t = torch.full((2 * b, k), -1.0)
+    t[:, 0] = 1.0
+    s = torch.full((4 * b, k), -10.0)
+    s[:, 0] = 10.0
+    assert dino_loss(s, t, torch.zeros(1, k), 4, 0.1, 0.01).item() < 1e-6
+    cfg = {"warmup_teacher_temp": 0.04, "teacher_temp": 0.07, "warmup_teacher_temp_steps": 10, "momentum_teacher": 0.99,
+           "steps": 21}
+    assert teacher_temp_at(0, cfg) == pytest.approx(0.04) and teacher_temp_at(5, cfg) == pytest.approx(0.055)
+    assert teacher_temp_at(50, cfg) == pytest.approx(0.07)
+    assert momentum_at(0, cfg) == pytest.approx(0.99) and momentum_at(20, cfg) == pytest.approx(1.0)
+
+
+def test_dino_multicrop_and_ema_teacher(pool8):
+    from microsnoop.train.base import get_method
+    from microsnoop.train.data import ImagePool
+
+    m = get_method("dino-vit")
+    cfg = {**m.defaults, **TINY, "steps": 10, "out_dim": 256}
+    ds = m.make_dataset(ImagePool(pool8), cfg)
+    b = ds[3]
+    assert b["global"].shape == (8, 1, 48, 48) and b["local"].shape == (4 * 6, 1, 24, 24)
+    assert torch.equal(ds[3]["local"], b["local"])  # a pure function of (seed, step)
+    torch.manual_seed(0)
+    model = m.build(cfg)
+    loss, logs = m.loss(model, b)
+    assert torch.isfinite(loss) and 0 < loss.item() < 2 * math.log(256)
+    assert model.center.abs().sum() > 0  # centre moved towards the teacher's batch mean
+    loss.backward()
+    assert all(p.grad is None for p in model.teacher.parameters())  # no gradient reaches the teacher
+    before = {k: v.clone() for k, v in model.teacher.state_dict().items()}
+    with torch.no_grad():
+        for p in model.student.parameters():
+            p.add_(0.1)
+        m.after_step(model, 0, cfg)
+    mom = cfg["momentum_teacher"]
+    k = "patch_embed.weight"
+    expect = mom * before[k] + (1 - mom) * model.student.state_dict()[k]
+    assert torch.allclose(model.teacher.state_dict()[k], expect, atol=1e-6)
+
+
+def test_dino_train_round_trip_and_embed_cli(pool8, yeast82, tmp_path, cli):
+    from microsnoop.train.loop import train
+
+    res = train(pool8, tmp_path / "run", method="dino-vit", options={**TINY, "out_dim": 256, "precision": "fp32"})
+    assert res["steps"] == 2 and math.isfinite(res["final_loss"])
+    x = torch.from_numpy(np.load(yeast82 / "images.npy")[:5, 0].astype(np.float32))[:, None]
+    x = x / x.amax(dim=(2, 3), keepdim=True)
+    _round_trip(tmp_path / "run", "dino-vit", x)
+    _round_trip(tmp_path / "run", "dino-vit", x[..., :40, :44])  # other sizes: padded, position embeddings interpolated
+    _embed_cli(cli, tmp_path / "run", yeast82, tmp_path, 192)
+
+
+# ------------------------------------------------------------------ cytoself
+def test_split_quantiser_straight_through_and_split():
+    from microsnoop.models.vqvae import SplitQuantizer
+
+    torch.manual_seed(0)
+    vq = SplitQuantizer(16, 32, split=4, beta=0.25, ema=False)
+    z = torch.randn(2, 16, 3, 3, requires_grad=True)
+    q, loss, ppl, idx = vq(z)
+    assert idx.shape == (2, 4, 3, 3) and 1 <= ppl.item() <= 32
+    # every 4-channel sub-vector is replaced by a codebook entry (the same codebook for all 4 splits)
+    sub = q.detach().reshape(2, 4, 4, 3, 3).permute(0, 1, 3, 4, 2).reshape(-1, 4)
+    assert torch.allclose(sub, vq.codebook.weight[idx.reshape(-1)], atol=1e-6)
+    q.sum().backward()
+    assert torch.allclose(z.grad, torch.ones_like(z))  # straight-through estimator
+    expect = F_mse(q.detach(), z.detach()) * 1.25  # codebook term + 0.25 x commitment term
+    assert loss.item() == pytest.approx(expect, rel=1e-5)
+
+
+def F_mse(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float(((a - b) ** 2).mean())
+
+
+def test_cytoself_loss_falls_on_real_cells(yeast82):
+    from microsnoop.train.base import get_method
+
+    m = get_method("cytoself")
+    cfg = {**m.defaults, **TINY, "batch_size": 8, "input_size": 32, "classify_channels": [0]}
+    cells = m.load_pool(yeast82, cfg)
+    assert cfg["n_classes"] == 5 and len(cells.images) == int((pd.read_csv(yeast82 / "metadata.csv")["Metadata_Split"] == "train").sum())
+    batch = m.make_dataset(cells, cfg)[0]
+    assert batch["image"].shape == (8, 1, 32, 32) and set(batch["classify"].tolist()) <= {0.0, 1.0}
+    torch.manual_seed(0)
+    model = m.build(cfg)
+    losses = _fit("cytoself", model, batch, 8, lr=5e-4)
+    assert losses[-1] < 0.5 * losses[0], losses
+
+
+def test_cytoself_train_round_trip_and_embed_cli(yeast82, tmp_path, cli):
+    from microsnoop.train.loop import train
+
+    train(yeast82, tmp_path / "run", method="cytoself", options={**TINY, "input_size": 32, "precision": "fp32"})
+    x = torch.from_numpy(np.load(yeast82 / "images.npy")[:5, 1].astype(np.float32))[:, None]
+    x = x / x.amax(dim=(2, 3), keepdim=True)
+    _round_trip(tmp_path / "run", "cytoself", x)
+    _round_trip(tmp_path / "run", "cytoself", x[..., :40, :40])
+    _embed_cli(cli, tmp_path / "run", yeast82, tmp_path, 128)
+
+
+# ------------------------------------------------------------------ paired-inpainting
+def test_paired_inpainting_pairs_share_a_field_and_loss_falls(yeast82):
+    from microsnoop.train.base import get_method
+    from microsnoop.train.methods.paired_inpainting import CellPairs
+
+    m = get_method("paired-inpainting")
+    cfg = {**m.defaults, **TINY, "batch_size": 8, "input_size": 32}
+    cells = m.load_pool(yeast82, cfg)
+    ds = m.make_dataset(cells, cfg)
+    assert isinstance(ds, CellPairs)
+    field_of = cells.meta["Metadata_Image"].to_numpy()
+    assert all(len(set(field_of[g])) == 1 for g in ds.groups)
+    batch = ds[0]
+    assert batch["src_protein"].shape == batch["tgt_protein"].shape == (8, 1, 32, 32)
+    torch.manual_seed(0)
+    model = m.build(cfg)
+    losses = _fit("paired-inpainting", model, batch, 8)
+    assert losses[-1] < 0.5 * losses[0], losses
+
+
+def test_paired_inpainting_round_trip_layer_and_embed_cli(yeast82, tmp_path, cli):
+    from microsnoop.models import create_model
+    from microsnoop.train.methods.paired_inpainting import relayer
+
+    code, _, err = cli("train", "--data", yeast82, "-o", tmp_path / "run", "--method", "paired-inpainting",
+                       "--steps", "2", "--batch-size", "4", "--input-size", "32", "--workers", "0", "--layer", "3",
+                       "--precision", "fp32")
+    assert code == 0, err
+    x = torch.from_numpy(np.load(yeast82 / "images.npy")[:5, 0].astype(np.float32))[:, None]
+    x = x / x.amax(dim=(2, 3), keepdim=True)
+    _round_trip(tmp_path / "run", "paired-inpainting", x)
+    enc = create_model(tmp_path / "run" / "model.safetensors")
+    assert enc.config["layer"] == 3 and enc.dim == 128
+    _embed_cli(cli, tmp_path / "run", yeast82, tmp_path, 128)
+    relayer(str(tmp_path / "run" / "model.safetensors"), 1, str(tmp_path / "l1.safetensors"))
+    l1 = create_model(tmp_path / "l1.safetensors")
+    assert l1.dim == 32 and l1(x).shape == (5, 32)
+    with pytest.raises(Exception, match="layer"):
+        relayer(str(tmp_path / "run" / "model.safetensors"), 9, str(tmp_path / "bad.safetensors"))
+
+
+# ------------------------------------------------------------------ channel attribution
+@pytest.mark.parametrize("classifier", ["knn", "logistic"])
+def test_channel_attribution_finds_the_informative_block(classifier):
+    from microsnoop.evaluate.attribution import channel_attribution, channel_blocks
+
+    rng = np.random.default_rng(0)
+    n, d = 150, 8
+    y = np.repeat(np.arange(3), n // 3)
+    X = rng.normal(size=(n, 3 * d))
+    X[:, d:2 * d] += 3.0 * np.eye(3)[y] @ rng.normal(size=(3, d))  # only the middle block carries the label
+    meta = pd.DataFrame({"Metadata_Class": y.astype(str)})
+    blocks = channel_blocks(n_features=3 * d, channel_names=["DNA", "GFP", "Actin"])
+    df = channel_attribution(X, meta, "Metadata_Class", blocks, classifier=classifier, repeats=2)
+    row = df.set_index("channel")
+    assert row.loc["GFP", "baseline"] > 0.8
+    assert row.loc["GFP", "drop_permuted"] > 0.4 and row.loc["GFP", "drop_dropped"] > 0.4
+    assert row.loc["GFP", "alone"] > 0.8
+    for ch in ("DNA", "Actin"):
+        assert abs(row.loc[ch, "drop_permuted"]) < 0.15 and row.loc[ch, "alone"] < 0.6
+
+
+def test_channel_blocks_from_feature_names():
+    from microsnoop.evaluate.attribution import channel_blocks
+
+    names = [f"{c}_emb_{k:03d}" for c in ("GFP_protein", "RFP_cytosol") for k in range(3)]
+    blocks = channel_blocks(names)
+    assert [b[0] for b in blocks] == ["GFP_protein", "RFP_cytosol"] and list(blocks[1][1]) == [3, 4, 5]
