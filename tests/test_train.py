@@ -143,10 +143,10 @@ def test_shipped_models_load_verified_and_default_is_trained():
     from microsnoop.models import create_model, default_model_name, get_spec
 
     default = default_model_name()
-    assert default.startswith("microsnoop-unet-") and get_spec(default).trained
-    for name in ("microsnoop-unet-cpinit", "microsnoop-unet-scratch"):
+    assert default == "microsnoop-unet-v1" and get_spec(default).trained
+    for name, steps in (("microsnoop-unet-v1", 600), ("microsnoop-unet-cpinit", 950), ("microsnoop-unet-scratch", 950)):
         enc = create_model(name)
-        assert enc.sha256 == get_spec(name).sha256 and enc.header["steps"] == 950
+        assert enc.sha256 == get_spec(name).sha256 and enc.header["steps"] == steps
         out = enc(torch.rand(2, 1, 40, 40))
         assert out.shape == (2, 256) and torch.isfinite(out).all()
 
@@ -178,3 +178,13 @@ def test_set_overrides_parse_json_values():
         "encoder_lr_scale": 0.1, "freeze_encoder_bn": True, "label_column": "Metadata_Protein"}
     with pytest.raises(MicrosnoopError, match="KEY=VALUE"):
         parse_overrides(["oops"])
+
+
+def test_smooth_is_trailing_mean_and_plot_needs_a_log(tmp_path):
+    from microsnoop.errors import MicrosnoopError
+    from microsnoop.train.plots import plot_training_logs, smooth
+
+    np.testing.assert_allclose(smooth(np.array([1.0, 3.0, 5.0, 7.0]), 2), [1.0, 2.0, 4.0, 6.0])
+    with pytest.raises(MicrosnoopError, match="no training log"):
+        plot_training_logs([("x", tmp_path / "missing")], tmp_path / "f.png")
+    assert not (tmp_path / "f.png").exists()

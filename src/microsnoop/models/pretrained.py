@@ -1,7 +1,7 @@
 """Trained Microsnoop U-Nets shipped inside the package (``models/weights/*.safetensors``, fp16).
 
 Each entry records the file's sha256 (checked on every load), licence, training data and model card.
-Both were trained here by ``microsnoop train`` (mae-unet recipe) on the pretraining pool only,
+All were trained here by ``microsnoop train`` (mae-unet recipe) on the pretraining pool only,
 never on benchmark images; see ``models/cards/<name>.md`` for command, steps and benchmark table.
 """
 from __future__ import annotations
@@ -25,11 +25,17 @@ class Shipped:
 
 
 SHIPPED = (
-    Shipped("microsnoop-unet-cpinit", "a9ae1f2d33004171e32f61b73cdcc1b6fcd1736e51c5fb661fc4f6773a68365f",
-            "Microsnoop U-Net, masked-reconstruction pretraining (mask 0.25, 96 px, 950 steps on CPU) starting "
-            "from the Cellpose generalist encoder+decoder",
+    Shipped("microsnoop-unet-v1", "a2fe3a895ab47b0a59bc06cdc495b31e452f505c2fcb5aec3b5d4931158f321a",
+            "Microsnoop U-Net, masked-reconstruction pretraining (mask 0.25, 96 px, 600 steps on CPU) fine-tuned "
+            "from the Cellpose generalist network with a gentle encoder (LR x0.1, frozen first 100 steps, "
+            "Cellpose BN statistics kept)",
             "BSD-3-Clause (derived from Cellpose weights); training images under their sources' licences",
             default=True),
+    Shipped("microsnoop-unet-cpinit", "a9ae1f2d33004171e32f61b73cdcc1b6fcd1736e51c5fb661fc4f6773a68365f",
+            "Microsnoop U-Net, masked-reconstruction pretraining (mask 0.25, 96 px, 950 steps on CPU) starting "
+            "from the Cellpose generalist encoder+decoder, all weights at the full LR",
+            "BSD-3-Clause (derived from Cellpose weights); training images under their sources' licences",
+            default=False),
     Shipped("microsnoop-unet-scratch", "f6b7b50a2b5eead87acc6886fa4c5edaeb70693827c58db3c95ced36df6c945b",
             "Microsnoop U-Net, masked-reconstruction pretraining (mask 0.25, 96 px, 950 steps on CPU) from random "
             "initialisation (the paper's recipe, with ~1/1000 of its compute)",

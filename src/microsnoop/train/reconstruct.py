@@ -77,7 +77,8 @@ def reconstruct_figure(images: Sequence[str | Path], model: str, output: str | P
             ax.set_title(title, fontsize=8)
             ax.axis("off")
     fig.suptitle(f"{enc.name}: mask ratio {mask_ratio}", fontsize=10)
-    fig.tight_layout()
+    # leave a band for the suptitle: it is placed in figure coordinates, above the top row's titles
+    fig.tight_layout(rect=(0, 0, 1, 1 - 0.25 / (3 * len(planes))))
     output = Path(output)
     with atomic_path(output) as tmp:
         fig.savefig(tmp, format=output.suffix.lstrip(".") or "png", dpi=100)
