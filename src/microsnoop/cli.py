@@ -187,6 +187,7 @@ def plate(
     preview: int = typer.Option(0, "--preview", help="Save a PNG montage of this many crops per field (previews/)."),
     save_masks: bool = typer.Option(False, "--save-masks", help="Keep each field's label image (masks/<field>.tif) for audit."),
     diameter: Optional[float] = typer.Option(None, "--diameter", help="Object diameter in pixels (default: estimated)."),
+    segment_precision: str = typer.Option("auto", "--segment-precision", help="Cellpose network: auto (bf16 where native, ~2.6x faster on CPU) | fp32."),
     mode: str = typer.Option("crop", "--mode", help="crop | rescale | tile."),
     rescale_constant: Optional[float] = typer.Option(None, "--rescale-constant", help="Rc of the cell-region crop."),
     crop_size: Optional[int] = typer.Option(None, "--crop-size", help="Sta: crops are zero-padded to this size."),
@@ -213,7 +214,7 @@ def plate(
                       positive=positive or None, normalize=normalize, sphere=sphere, treatment=_split(treatment),
                       fmt=fmt, save_cells=save_cells, masks=masks, centres=str(centres) if centres else None,
                       centre_size=centre_size, keep_border=keep_border, preview=preview, save_masks=save_masks,
-                      threads=threads)
+                      threads=threads, segment_precision=segment_precision)
     from .io.readers import read_csv
 
     n_fields = len(read_csv(manifest)) if manifest.exists() else 0

@@ -49,6 +49,7 @@ class FieldOptions:
     seed: int = 0
     skip_border: bool = True
     centre_size: int | None = None       # crop side for cells given as centres (None: 2 * diameter or 32)
+    segment_precision: str = "auto"      # cellpose network: auto (bf16 where native) | fp32 | bf16
 
     def check(self) -> "FieldOptions":
         check_mode(self.mode)
@@ -96,7 +97,8 @@ class FieldEmbedder:
         if self._segment is None:
             from ..segment import get_segmenter
 
-            self._segment = get_segmenter(self.opts.segmenter, self.opts.diameter, device=str(self.embedder.device))
+            self._segment = get_segmenter(self.opts.segmenter, self.opts.diameter, device=str(self.embedder.device),
+                                          precision=self.opts.segment_precision)
         return self._segment
 
     def provenance(self) -> dict[str, Any]:
@@ -243,7 +245,8 @@ def plate_fields(manifest: str | Path, s: Any, progress: Callable[[int], None] |
     opts = FieldOptions(segmenter=s.segmenter, diameter=s.diameter, mode=s.mode, rescale_constant=s.rescale_constant,
                         crop_size=s.crop_size, max_cells=s.max_cells, seed=s.seed,
                         skip_border=not getattr(s, "keep_border", False),
-                        centre_size=getattr(s, "centre_size", None)).check()
+                        centre_size=getattr(s, "centre_size", None),
+                        segment_precision=getattr(s, "segment_precision", "auto")).check()
     probe = ManifestSource(manifest)
     available = list(probe.channel_names)
     embed_ch = list(s.channels) if s.channels else available
@@ -281,7 +284,7 @@ def plate_fields(manifest: str | Path, s: Any, progress: Callable[[int], None] |
         # one magnification per plate: estimate the size on a few fields spread over it, then fix it
         from ..segment import get_segmenter
 
-        probe_seg = get_segmenter("cellpose", None, device=str(embedder.device))
+        probe_seg = get_segmenter("cellpose", None, device=str(embedder.device), precision=opts.segment_precision)
         picks = sorted(set(np.linspace(0, len(meta) - 1, min(ESTIMATE_FIELDS, len(meta))).round().astype(int)))
         diams = [probe_seg.estimate_diameter(src.read_one(int(i))[seg_index]) for i in picks]
         opts.diameter = float(np.median(diams))
@@ -343,7 +346,7 @@ def plate_fields(manifest: str | Path, s: Any, progress: Callable[[int], None] |
 
 def segment_dataset(images: np.ndarray, segmenter: str = "cellpose", diameter: float | None = None,
                     segment_index: int = 0, device: str = "cpu", cache_dir: str | Path | None = None,
-                    data_sha256: str | None = None) -> tuple[np.ndarray, dict[str, Any]]:
+                    data_sha256: str | None = None, precision: str = "auto") -> tuple[np.ndarray, dict[str, Any]]:
     """Label images (N, H, W) int32 of one channel of every field, with the segmenter's provenance
     and wall time. With ``cache_dir`` (and the images' sha256) the labels are kept in
     ``<cache_dir>/<data>__<settings>.npy``, so several models or modes segment a set only once."""
@@ -354,7 +357,7 @@ def segment_dataset(images: np.ndarray, segmenter: str = "cellpose", diameter: f
     from ..io.atomic import save_npy_atomic
     from ..segment import get_segmenter
 
-    seg = get_segmenter(segmenter, diameter, device=device)
+    seg = get_segmenter(segmenter, diameter, device=device, precision=precision)
     prov = getattr(seg, "provenance", lambda: {"segmenter": segmenter, "diameter": diameter or "estimated"})()
     prov = {**prov, "segment_index": segment_index}
     path = None
@@ -381,8 +384,8 @@ def segment_dataset(images: np.ndarray, segmenter: str = "cellpose", diameter: f
 def embed_fields_dataset(set_path: str | Path, embedder: Any, mode: str = "crop", segmenter: str = "cellpose",
                          diameter: float | None = None, crop_size: int | None = None, max_cells: int | None = None,
                          rescale_constant: float | None = None, segment_channel: str | None = None,
-                         seed: int = 0, cache_dir: str | Path | None = None,
-                         data_sha256: str | None = None) -> tuple[pd.DataFrame, np.ndarray]:
+                         seed: int = 0, cache_dir: str | Path | None = None, data_sha256: str | None = None,
+                         segment_precision: str = "auto") -> tuple[pd.DataFrame, np.ndarray]:
     """A benchmark set of whole fields (images.npy + metadata.csv + dataset.json) -> (metadata with
     ``Metadata_Count`` / ``Metadata_CellsFound``, (n_fields, C * dim) float32 field vectors).
 
@@ -407,7 +410,7 @@ def embed_fields_dataset(set_path: str | Path, embedder: Any, mode: str = "crop"
     else:
         raise MicrosnoopError(f"segment channel '{segment_channel}' not in {channels}", info_path)
     opts = FieldOptions(segmenter=segmenter, diameter=diameter, mode=mode, crop_size=crop_size, max_cells=max_cells,
-                        rescale_constant=rescale_constant, seed=seed).check()
+                        rescale_constant=rescale_constant, seed=seed, segment_precision=segment_precision).check()
     masks = None
     if opts.mode == "crop" and opts.segmenter == "masks":
         from ..segment.masks import load_masks_npy, masks_npy_for
@@ -417,7 +420,7 @@ def embed_fields_dataset(set_path: str | Path, embedder: Any, mode: str = "crop"
         raise MicrosnoopError("--segmenter centres is for manifests (plate); use masks, cellpose or classical")
     elif opts.mode == "crop":
         masks, _ = segment_dataset(images, opts.segmenter, opts.diameter, seg_i, device=str(embedder.device),
-                                   cache_dir=cache_dir, data_sha256=data_sha256)
+                                   cache_dir=cache_dir, data_sha256=data_sha256, precision=opts.segment_precision)
     fe = FieldEmbedder(embedder, opts, segment_index=seg_i)
     results = []
     for i in range(len(images)):

@@ -15,12 +15,15 @@ from ..errors import MicrosnoopError
 SEGMENTERS = ("cellpose", "classical")
 
 
-def get_segmenter(name: str, diameter: float | None = None, device: str = "cpu") -> Callable[[np.ndarray], np.ndarray]:
-    """A function (H, W) image -> (H, W) int32 labels for a segmenter name; unknown names are a user error."""
+def get_segmenter(name: str, diameter: float | None = None, device: str = "cpu",
+                  precision: str = "auto") -> Callable[[np.ndarray], np.ndarray]:
+    """A function (H, W) image -> (H, W) int32 labels for a segmenter name; unknown names are a user error.
+
+    ``precision`` (cellpose): auto = bf16 where native, else fp32."""
     if name == "cellpose":
         from .cellpose import CellposeSegmenter
 
-        return CellposeSegmenter(diameter=diameter, device=device)
+        return CellposeSegmenter(diameter=diameter, device=device, precision=precision)
     if name == "classical":
         from .classical import segment_classical
 

@@ -67,7 +67,8 @@ def load_cellpose_network(device: str = "cpu") -> MicrosnoopUNet:
 
 def resolve_segment_precision(precision: str, device: str) -> str:
     """``auto``: bf16 where the hardware runs it natively (CUDA with bf16, CPUs with AVX512-BF16/AMX),
-    else fp32. On Coelho fields the bf16 masks matched the fp32 ones (F1 1.0 at IoU 0.5) at ~3.5x the speed."""
+    else fp32. On 8 Coelho fields (2-core CPU) bf16 ran 2.6x faster (4.4 vs 11.4 s per field) at a
+    pooled F1 against the hand masks of 0.910 vs 0.920 for fp32 (``--segment-precision fp32``)."""
     if precision in ("fp32", "bf16"):
         return precision
     if precision != "auto":
