@@ -292,3 +292,15 @@ def test_refresh_writes_docs_page_with_every_given_model(bbbc021_small, tmp_path
     assert "imagenet-effnet-lite0" in text and "microsnoop[baselines]" in text  # listed as not run, with the hint
     assert "python -m microsnoop.evaluate.refresh" in text
     assert refresh.main(["--data", str(tmp_path / "empty")]) == 2
+
+
+def test_compare_counts_sets_won_or_tied_within_tolerance():
+    from microsnoop.evaluate.compare import compare, set_means
+
+    recs = [{"model": m, "dataset": d, "accuracy": a} for m, d, a in [
+        ("new", "A", 0.80), ("new", "A", 0.60), ("new", "B", 0.50), ("new", "C", 0.90),
+        ("base", "A", 0.70), ("base", "A", 0.71), ("base", "B", 0.504), ("base", "C", 0.95)]]
+    assert set_means(recs)["new"]["A"] == pytest.approx(0.70)
+    (row,) = compare(recs, "new", ["base"], tol=0.005)
+    assert row["diff"] == pytest.approx({"A": -0.005, "B": -0.004, "C": -0.05})
+    assert row["wins_or_ties"] == 2 and row["n_sets"] == 3   # A ties at exactly -tol, B within, C loses
