@@ -282,3 +282,21 @@ def test_channel_blocks_from_feature_names():
     names = [f"{c}_emb_{k:03d}" for c in ("GFP_protein", "RFP_cytosol") for k in range(3)]
     blocks = channel_blocks(names)
     assert [b[0] for b in blocks] == ["GFP_protein", "RFP_cytosol"] and list(blocks[1][1]) == [3, 4, 5]
+
+
+def test_peer_section_survives_regeneration(tmp_path):
+    """The peer section renders from the json alone and replaces only itself in a regenerated page."""
+    from microsnoop.evaluate.refresh import PEER_END, PEER_START, render_peers, replace_peer_section
+
+    peers = {"methods": [{"method": "dino-vit", "data": "../shared/data/pretrain", "split": None, "steps": 4,
+                          "images_seen": 16, "wall_s": 60.0, "hardware": "cpu", "dim_per_channel": 192,
+                          "sha256": "ab" * 32, "status": "recorded", "command": "microsnoop train ...",
+                          "results": {"yeast_pci": {"knn k=11 train->test": "0.500 / 0.480"}}}]}
+    section = render_peers(peers)
+    assert section.startswith(PEER_START) and section.endswith(PEER_END)
+    assert "| dino-vit | 0.500 / 0.480 |" in section and "1.0 min" in section
+    fresh = "# Benchmarks\n\n## yeast_pci\n\ntable\n\n## Models\n\nmodels\n"
+    page = replace_peer_section(fresh, section)
+    assert page.index("## yeast_pci") < page.index(PEER_START) < page.index("## Models")
+    again = replace_peer_section(page, render_peers({"methods": []}))
+    assert again.count(PEER_START) == 1 and "No peer runs recorded yet." in again and "0.500" not in again

@@ -1,6 +1,14 @@
 """Regenerate ``docs/benchmarks.md``: every shared benchmark set x every registered model.
 
     python -m microsnoop.evaluate.refresh [--data ../shared/data] [--model NAME ...] [--report-dir DIR]
+    python -m microsnoop.evaluate.refresh --peers-only [--peer-run runs/dino-vit ...]
+
+Peer pretext methods (``dino-vit``, ``cytoself``, ``paired-inpainting``) are not shipped models: their
+checkpoints live in run folders outside git. ``docs/peer_methods.json`` records, per method, how it was
+trained and its last measured scores; the "Peer pretext methods" section is rendered from that file
+(re-benchmarking each checkpoint that is present), so a regeneration keeps it even on a machine
+without the run folders. ``--peer-run DIR`` adds or updates an entry from a finished training run;
+``--peers-only`` rewrites just that section of the existing page.
 
 Embeddings are cached in the report folder (default ``~/.cache/microsnoop/benchmarks``), so after a
 new model is registered only that model is embedded; a model whose optional package is missing is
@@ -25,6 +33,8 @@ from .report import markdown_table, set_tables
 REPO_ROOT = Path(__file__).resolve().parents[3]
 DOCS_PATH = REPO_ROOT / "docs" / "benchmarks.md"
 COMMAND = "python -m microsnoop.evaluate.refresh"
+PEERS_PATH = REPO_ROOT / "docs" / "peer_methods.json"
+PEER_START, PEER_END = "<!-- peer-methods:start -->", "<!-- peer-methods:end -->"
 
 
 def default_data_dir() -> Path:
@@ -143,6 +153,134 @@ def render_docs(run: BenchmarkRun, sets: Sequence[Path], data_dir: Path, argv: S
     return "\n".join(lines)
 
 
+# ---------------------------------------------------------------- peer pretext methods
+def _rel(path: Path) -> str:
+    try:
+        return str(Path(path).resolve().relative_to(REPO_ROOT))
+    except ValueError:
+        return str(path)
+
+
+def peer_entry_from_run(run_dir: Path) -> dict[str, Any]:
+    """How a run was trained (config.json, log.csv, the exported checkpoint's header) as a peer entry."""
+    import csv
+
+    from ..models.checkpoints import read_checkpoint_header, sha256_file
+
+    run_dir = Path(run_dir)
+    model = run_dir / "model.safetensors"
+    if not model.exists():
+        raise MicrosnoopError("run has no model.safetensors (unfinished?)", run_dir)
+    cfg = json.loads((run_dir / "config.json").read_text())
+    with open(run_dir / "log.csv", newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    header = read_checkpoint_header(model)
+    keep = ("input_size", "batch_size", "lr", "warmup_steps", "precision_resolved", "label_column", "classify_channels",
+            "layer", "pool", "split_value", "group_column", "momentum_teacher", "out_dim", "n_local", "teacher_temp",
+            "cls_weight", "dim", "depth", "patch", "widths", "split", "local_codes", "global_codes", "seed")
+    return {"method": cfg["method"], "checkpoint": _rel(model), "sha256": sha256_file(model),
+            "data": _rel(Path(cfg["data"])) if not str(cfg["data"]).startswith("..") else cfg["data"],
+            "split": cfg.get("split_value"), "steps": int(header.get("steps", len(rows))),
+            "images_seen": int(header.get("images_seen", 0)), "wall_s": float(rows[-1]["elapsed_s"]) if rows else None,
+            "final_loss": float(rows[-1]["loss"]) if rows else None, "hardware": machine(),
+            "config": {k: cfg[k] for k in keep if k in cfg}, "dim_per_channel": None, "results": {}}
+
+
+def load_peers(path: Path = PEERS_PATH) -> dict[str, Any]:
+    return json.loads(path.read_text()) if path.exists() else {"methods": []}
+
+
+def benchmark_peers(peers: dict[str, Any], sets: Sequence[Path], report_dir: Path, device: str, precision: str) -> None:
+    """Re-score every peer checkpoint that is present (and unchanged) on the single-cell sets; update in place."""
+    from ..models.checkpoints import sha256_file
+    from . import benchmark_and_report
+    from .benchmark import load_set
+    from .report import cell
+
+    cells = [s for s in sets if load_set(s).kind == "single_cell"]
+    for entry in peers["methods"]:
+        path = REPO_ROOT / entry["checkpoint"] if not Path(entry["checkpoint"]).is_absolute() else Path(entry["checkpoint"])
+        if not path.exists() or sha256_file(path) != entry["sha256"]:
+            entry["status"] = "recorded (checkpoint not on this machine)" if not path.exists() else "recorded (checkpoint changed)"
+            continue
+        run, _ = benchmark_and_report(cells, [str(path)], report_dir / "peers", plot="none", device=device,
+                                      precision=precision, notify=lambda m: print(m, file=sys.stderr))
+        enc = next(iter(run.models.values()))
+        entry["dim_per_channel"] = enc["dim_per_channel"]
+        entry["results"] = {}
+        for ds, info in run.datasets.items():
+            recs = [r for r in run.records if r["dataset"] == ds]
+            entry["results"][ds] = {c: cell([r for r in recs if r["column"] == c]) for c in info["protocols"]}
+            entry["results"][ds]["embed s"] = f"{recs[0]['embed_s']:.0f}" if recs else "-"
+        entry["status"] = "measured " + _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+
+
+def render_peers(peers: dict[str, Any]) -> str:
+    """The "Peer pretext methods" section (between markers, so --peers-only can replace it alone)."""
+    lines = [PEER_START, "## Peer pretext methods", "",
+             "Other self-supervised recipes trained with `microsnoop train --method NAME` (see `docs/methods.md`), "
+             "embedded and scored exactly like the models above (fp32, same protocols). Their checkpoints are run "
+             "outputs, not shipped; `docs/peer_methods.json` records how each was trained and its last measured "
+             "scores. **Short CPU runs**: these rows show the recipes work end to end at small scale, not what "
+             "the methods reach when trained properly.", ""]
+    methods = peers.get("methods", [])
+    if not methods:
+        return "\n".join(lines + ["No peer runs recorded yet.", "", PEER_END])
+    sets = sorted({ds for e in methods for ds in e.get("results", {})})
+    for ds in sets:
+        cols = list(dict.fromkeys(c for e in methods for c in e.get("results", {}).get(ds, {})))
+        rows = [[e["method"], *[e["results"].get(ds, {}).get(c, "-") for c in cols]] for e in methods if ds in e.get("results", {})]
+        lines += [f"### {ds}", "", markdown_table(["method", *cols], rows), ""]
+    rows = []
+    for e in methods:
+        tuned = " **(trained on this benchmark's train split)**" if e.get("tuned_on_benchmark") else ""
+        wall = f"{e['wall_s'] / 60:.1f} min" if e.get("wall_s") else "-"
+        rows.append([e["method"], f"`{e['data']}`" + (f" ({e['split']} split)" if e.get("split") else "") + tuned,
+                     str(e["steps"]), str(e.get("images_seen", "-")), wall, e.get("hardware", "-"),
+                     str(e.get("dim_per_channel") or "-"), f"`{e['sha256'][:16]}`", e.get("status", "")])
+    lines += ["### How they were trained", "",
+              "Wall time = the training loop's own clock (`log.csv`), on the hardware named; runs shared 2 CPU "
+              "cores with other jobs, so treat times as upper bounds.", "", markdown_table(
+        ["method", "data", "steps", "images seen", "wall time", "hardware", "features / channel", "sha256", "scores"], rows), ""]
+    notes = [f"- **{e['method']}**: `{e['command']}`" + (f". {e['note']}" if e.get("note") else "")
+             for e in methods if e.get("command")]
+    if notes:
+        lines += ["Commands and caveats:", "", *notes, ""]
+    return "\n".join(lines + [PEER_END])
+
+
+def replace_peer_section(page: str, section: str) -> str:
+    if PEER_START in page and PEER_END in page:
+        head, rest = page.split(PEER_START, 1)
+        return head + section + rest.split(PEER_END, 1)[1]
+    marker = "\n## Models\n"
+    if marker in page:
+        head, tail = page.split(marker, 1)
+        return head + "\n" + section + "\n" + marker + tail
+    return page.rstrip("\n") + "\n\n" + section + "\n"
+
+
+def refresh_peers(data_dir: Path | None = None, report_dir: Path | None = None, docs_path: Path = DOCS_PATH,
+                  peers_path: Path = PEERS_PATH, runs: Sequence[Path] = (), device: str = "cpu",
+                  precision: str = "fp32", notes: dict[str, dict[str, Any]] | None = None) -> str:
+    """Add/update peer entries from run folders, re-benchmark present checkpoints, write the json; return the section."""
+    data_dir = Path(data_dir) if data_dir else default_data_dir()
+    report_dir = Path(report_dir) if report_dir else default_report_dir()
+    peers = load_peers(peers_path)
+    for run_dir in runs:
+        new = peer_entry_from_run(Path(run_dir))
+        old = next((e for e in peers["methods"] if e["method"] == new["method"]), None)
+        for k in ("command", "note", "tuned_on_benchmark"):
+            if old and k in old:
+                new.setdefault(k, old[k])
+        peers["methods"] = [e for e in peers["methods"] if e["method"] != new["method"]] + [new]
+    benchmark_peers(peers, find_sets(data_dir), report_dir, device, precision)
+    with atomic_path(peers_path) as tmp:
+        tmp.write_text(json.dumps(peers, indent=1) + "\n")
+    os.chmod(peers_path, 0o644)
+    return render_peers(peers)
+
+
 def refresh(data_dir: Path | None = None, models: Sequence[str] | None = None, report_dir: Path | None = None,
             docs_path: Path = DOCS_PATH, device: str = "cpu", precision: str = "fp32", plot: str = "umap",
             argv: Sequence[str] = ()) -> Path:
@@ -157,8 +295,11 @@ def refresh(data_dir: Path | None = None, models: Sequence[str] | None = None, r
     run, paths = benchmark_and_report(sets, models, report_dir, plot=plot, device=device, precision=precision,
                                       skip_missing_models=True, notify=lambda m: print(m, file=sys.stderr))
     docs_path.parent.mkdir(parents=True, exist_ok=True)
+    page = render_docs(run, sets, data_dir, argv)
+    if PEERS_PATH.exists() and docs_path == DOCS_PATH:
+        page = replace_peer_section(page, refresh_peers(data_dir, report_dir, docs_path, device=device, precision=precision))
     with atomic_path(docs_path) as tmp:
-        tmp.write_text(render_docs(run, sets, data_dir, argv))
+        tmp.write_text(page)
     os.chmod(docs_path, 0o644)
     print(f"wrote {docs_path} (full report: {paths['md']})", file=sys.stderr)
     return docs_path
@@ -174,8 +315,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--precision", default="fp32")
     ap.add_argument("--plot", default="umap", choices=["umap", "pca", "none"])
+    ap.add_argument("--peers-only", action="store_true", help="only re-render the 'Peer pretext methods' section")
+    ap.add_argument("--peer-run", action="append", type=Path, default=[], help="add/update a peer entry from a run folder")
     args = ap.parse_args(argv)
     try:
+        if args.peers_only or args.peer_run:
+            section = refresh_peers(args.data, args.report_dir, args.docs, runs=args.peer_run, device=args.device,
+                                    precision=args.precision)
+            if args.peers_only:
+                page = args.docs.read_text() if args.docs.exists() else "# Benchmarks\n"
+                with atomic_path(args.docs) as tmp:
+                    tmp.write_text(replace_peer_section(page, section))
+                print(f"wrote the peer section of {args.docs} and {PEERS_PATH}", file=sys.stderr)
+                return 0
         refresh(args.data, args.model, args.report_dir, args.docs, args.device, args.precision, args.plot, argv)
     except MicrosnoopError as exc:
         print(f"error: {exc}", file=sys.stderr)
