@@ -307,3 +307,18 @@ def test_plate_missing_or_misshapen_mask_names_the_file(plate2, tmp_path, cli):
     code, _, err = cli("plate", plate2, "-o", out, "--segmenter", "masks", "--masks", mdir, *FAST)
     assert code == 2 and "does not match" in err and first in err
     assert not out.exists()
+
+
+def test_plate_manifest_given_by_a_relative_path(shared_data, tmp_path, cli, monkeypatch):
+    folder = shared_data / "plates" / "bbbc013"
+    df = pd.read_csv(folder / "manifest.csv")
+    df = df[df["Metadata_Well"].isin(["A01", "A12"])]
+    d = tmp_path / "plate"
+    d.mkdir()
+    for f in list(df["FileName_GFP"]) + list(df["FileName_DNA"]):     # relative file names beside the manifest
+        (d / f).symlink_to(folder / f)
+    df.to_csv(d / "manifest.csv", index=False)
+    monkeypatch.chdir(tmp_path)
+    code, _, err = cli("plate", "plate/manifest.csv", "-o", "run", "--segmenter", "classical", *FAST)
+    assert code == 0, err
+    assert (tmp_path / "run" / "report.json").exists()

@@ -241,7 +241,9 @@ def plate_fields(manifest: str | Path, s: Any, progress: Callable[[int], None] |
     from ..embed import Embedder
     from ..io.readers import ManifestSource
 
-    manifest = Path(manifest)
+    # absolute: io.readers.ManifestSource joins a relative manifest folder onto itself when the
+    # manifest has no PathName_ columns (../x/manifest.csv -> ../x/../x/file.tif)
+    manifest = Path(manifest).absolute()
     opts = FieldOptions(segmenter=s.segmenter, diameter=s.diameter, mode=s.mode, rescale_constant=s.rescale_constant,
                         crop_size=s.crop_size, max_cells=s.max_cells, seed=s.seed,
                         skip_border=not getattr(s, "keep_border", False),
