@@ -322,3 +322,19 @@ def test_plate_manifest_given_by_a_relative_path(shared_data, tmp_path, cli, mon
     code, _, err = cli("plate", "plate/manifest.csv", "-o", "run", "--segmenter", "classical", *FAST)
     assert code == 0, err
     assert (tmp_path / "run" / "report.json").exists()
+
+
+@pytest.mark.parametrize("mode", ["rescale", "tile"])
+def test_plate_whole_field_modes(plate2, tmp_path, cli, mode):
+    from microsnoop.profiling.table import read_profiles
+
+    out = tmp_path / "run"
+    args = [a if a != "32" else "160" for a in FAST]                  # Sta 160: 5 x 5 tiles of a 640 px field
+    code, _, err = cli("plate", plate2, "-o", out, "--mode", mode, "--save-cells", *args)
+    assert code == 0, err
+    fields, feats, prov = read_profiles(out / "fields.parquet")
+    n = 1 if mode == "rescale" else len(tile_starts(640, 160)) ** 2
+    assert n in (1, 25)
+    assert len(fields) == 2 and list(fields["Metadata_Count"]) == [n, n]
+    assert prov["field_mode"]["mode"] == mode and prov["segmentation"]["segmenter"] is None
+    assert not (out / "cells.parquet").exists()                       # no cells in whole-field modes
