@@ -338,3 +338,24 @@ def test_plate_whole_field_modes(plate2, tmp_path, cli, mode):
     assert len(fields) == 2 and list(fields["Metadata_Count"]) == [n, n]
     assert prov["field_mode"]["mode"] == mode and prov["segmentation"]["segmenter"] is None
     assert not (out / "cells.parquet").exists()                       # no cells in whole-field modes
+
+
+def test_segment_command_on_an_array_set_and_a_manifest(shared_data, plate2, tmp_path, cli):
+    src = shared_data.joinpath(*COELHO)
+    d = tmp_path / "set"
+    d.mkdir()
+    np.save(d / "images.npy", np.load(src / "images.npy", mmap_mode="r")[:2])
+    np.save(d / "masks.npy", np.load(src / "masks.npy", mmap_mode="r")[:2])
+    (d / "dataset.json").write_text((src / "dataset.json").read_text())
+    code, _, err = cli("segment", d, "-o", tmp_path / "seg", "--segmenter", "classical", "--truth", d / "masks.npy")
+    assert code == 0, err
+    assert np.load(tmp_path / "seg" / "masks.npy").shape == (2, 256, 336)
+    summary = json.loads((tmp_path / "seg" / "segmentation.json").read_text())
+    assert summary["channel"] == "DNA" and summary["iou_0.5"]["f1"] > 0.8 and "F1@0.5" in err
+    code, _, err = cli("segment", plate2, "-o", tmp_path / "seg2", "--segmenter", "classical", "--channel", "DNA")
+    assert code == 0, err
+    assert sorted(p.stem for p in (tmp_path / "seg2").glob("*.tif")) == sorted(
+        Path(f).stem for f in pd.read_csv(plate2)["FileName_DNA"])
+    np.save(d / "bad.npy", np.zeros((2, 8, 8), np.uint16))
+    code, _, err = cli("segment", d, "-o", tmp_path / "seg3", "--segmenter", "classical", "--truth", d / "bad.npy")
+    assert code == 2 and "bad.npy" in err and "shape" in err and not (tmp_path / "seg3").exists()

@@ -227,6 +227,38 @@ def plate(
 
 
 @app.command()
+def segment(
+    input: Path = typer.Argument(..., help="images.npy (N,C,H,W) or its set folder, a LoadData CSV, a folder of images, or one image."),
+    output: Path = typer.Option(..., "--output", "-o", help="Folder: masks.npy (array inputs) or one <file stem>.tif per image, and segmentation.json."),
+    channel: Optional[str] = typer.Option(None, "--channel", help="Channel to segment, by name or index (default: DNA if present, else the first)."),
+    segmenter: str = typer.Option("cellpose", "--segmenter", help="cellpose | classical."),
+    diameter: Optional[float] = typer.Option(None, "--diameter", help="Object diameter in pixels (default: estimated per image)."),
+    truth: Optional[Path] = typer.Option(None, "--truth", help="(N, H, W) masks.npy to score against: object F1 at IoU 0.5."),
+    segment_precision: str = typer.Option("auto", "--segment-precision", help="Cellpose network: auto | fp32 | bf16."),
+    threads: Optional[int] = typer.Option(None, "--threads", help="CPU threads for torch."),
+    overwrite: bool = typer.Option(False, "--overwrite"),
+) -> None:
+    """Segment one channel of every image (Cellpose or classical) and write the label images."""
+    from .embed.engine import configure_threads
+    from .io.readers import open_source
+    from .pipelines.fields import segment_to_folder
+
+    configure_threads(threads)
+    src = input / "images.npy" if input.is_dir() and (input / "images.npy").exists() else input
+    n = len(open_source(src)) if src.exists() else 0
+    bar, advance = progress_bar(n, "segment")
+    with bar:
+        summary = segment_to_folder(input, output, channel, segmenter, diameter, truth, overwrite,
+                                    precision=segment_precision, progress=advance)
+    msg = f"{summary['objects_found']} objects in {summary['n_images']} images -> {output}"
+    if "iou_0.5" in summary:
+        m = summary["iou_0.5"]
+        msg += (f"; vs {summary['objects_true']} true objects: F1@0.5 {m['f1']:.3f} (precision {m['precision']:.3f}, "
+                f"recall {m['recall']:.3f})")
+    console.print(msg)
+
+
+@app.command()
 def benchmark(
     datasets: List[Path] = typer.Argument(..., help="Benchmark set folders (images.npy, metadata.csv, dataset.json with protocols)."),
     model: List[str] = typer.Option(..., "--model", "-m", help="Registered model or checkpoint; repeat for several."),
