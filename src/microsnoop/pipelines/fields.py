@@ -17,6 +17,7 @@ A field in which no cell survives (empty segmentation, or all on the border) is 
 from __future__ import annotations
 
 import logging
+import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,6 +28,7 @@ import pandas as pd
 
 from ..errors import MicrosnoopError
 from ..io.writers import feature_columns as feature_names
+from ..segment.masks import read_mask_file
 from .crop import (CELL_COLUMNS, DEFAULT_RC, DEFAULT_STA, cell_table, centre_table, check_mode, crop_cells,
                    rescale_field, tile_field)
 
@@ -299,10 +301,6 @@ def plate_fields(manifest: str | Path, s: Any, progress: Callable[[int], None] |
     aux = Path(aux_dir) if aux_dir is not None else None
     if (preview or save_masks) and aux is None:
         raise MicrosnoopError("previews/masks need an output folder")
-    from ..segment.masks import read_mask_file
-
-    import time
-
     results: list[FieldResult] = []
     t_read = t_seg = t_embed = 0.0
     for i in range(len(meta)):
@@ -354,7 +352,6 @@ def segment_dataset(images: np.ndarray, segmenter: str = "cellpose", diameter: f
     ``<cache_dir>/<data>__<settings>.npy``, so several models or modes segment a set only once."""
     import hashlib
     import json
-    import time
 
     from ..io.atomic import save_npy_atomic
     from ..segment import get_segmenter
