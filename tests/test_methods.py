@@ -232,6 +232,10 @@ def test_paired_inpainting_pairs_share_a_field_and_loss_falls(yeast82):
     model = m.build(cfg)
     losses = _fit("paired-inpainting", model, batch, 8)
     assert losses[-1] < 0.5 * losses[0], losses
+    _, logs = m.loss(model, batch)  # step 0: the no-source diagnostic is computed
+    assert math.isfinite(logs["no_source_mse"]) and logs["mean_baseline_mse"] > 0
+    plain = m.build({**cfg, "skips": False})  # encoder-decoder without target skip connections
+    assert plain(batch["src_protein"], batch["src_structure"], batch["tgt_structure"]).shape == (8, 1, 32, 32)
 
 
 def test_paired_inpainting_round_trip_layer_and_embed_cli(yeast82, tmp_path, cli):

@@ -49,16 +49,18 @@ class SourceEncoder(nn.Module):
 class PairedInpaintingNet(nn.Module):
     """Source cell (protein, structure) + target cell structure -> target cell protein."""
 
-    def __init__(self, widths: list[int] | tuple[int, ...] = (32, 64, 128, 128, 128)):
+    def __init__(self, widths: list[int] | tuple[int, ...] = (32, 64, 128, 128, 128), skips: bool = True):
         super().__init__()
         widths = list(widths)
+        self.skips = skips
         self.source = SourceEncoder(widths)
-        self.target = SourceEncoder(widths[:4])  # target structure encoder: its maps are the decoder's skips
+        self.target = SourceEncoder(widths[:4])  # target structure encoder (with ``skips``: the decoder's skip maps)
         w1, w2, w3, w4, w5 = widths
         self.fuse = conv_block(2 * w5 + w4, w4)  # source protein + source structure + target structure (1/8)
-        self.up3 = conv_block(w4 + w3, w3)
-        self.up2 = conv_block(w3 + w2, w2)
-        self.up1 = conv_block(w2 + w1, w1)
+        extra = (w3, w2, w1) if skips else (0, 0, 0)
+        self.up3 = conv_block(w4 + extra[0], w3)
+        self.up2 = conv_block(w3 + extra[1], w2)
+        self.up1 = conv_block(w2 + extra[2], w1)
         self.head = nn.Conv2d(w1, 1, 1)
 
     def forward(self, src_protein: torch.Tensor, src_structure: torch.Tensor, tgt_structure: torch.Tensor) -> torch.Tensor:
@@ -68,7 +70,7 @@ class PairedInpaintingNet(nn.Module):
         x = self.fuse(torch.cat([p, s, t4], 1))
         for skip, blk in ((t3, self.up3), (t2, self.up2), (t1, self.up1)):
             x = F.interpolate(x, size=skip.shape[-2:], mode="nearest")
-            x = blk(torch.cat([x, skip], 1))
+            x = blk(torch.cat([x, skip], 1) if self.skips else x)
         return self.head(x)
 
 

@@ -73,7 +73,8 @@ class PairedInpainting(PretextMethod):
     name = "paired-inpainting"
     defaults = {**PCI_DEFAULTS, "input_size": 64, "batch_size": 32, "group_column": "Metadata_Image",
                 "split_column": "Metadata_Split", "split_value": "train", "protein_channel": 0,
-                "structure_channel": 1, "lr": 1e-3, "warmup_steps": 50, "weight_decay": 0.0, "diagnose_every": 25}
+                "structure_channel": 1, "lr": 1e-3, "warmup_steps": 50, "weight_decay": 0.0, "diagnose_every": 25,
+                "skips": True}
 
     def load_pool(self, data: Any, config: dict[str, Any]) -> LabelledSet:
         return LabelledSet(data, split=config.get("split_value"), split_column=config["split_column"],
@@ -81,7 +82,7 @@ class PairedInpainting(PretextMethod):
 
     def build(self, config: dict[str, Any]) -> nn.Module:
         cfg = {**self.defaults, **config}
-        net = PairedInpaintingNet(cfg["widths"])
+        net = PairedInpaintingNet(cfg["widths"], skips=bool(cfg.get("skips", True)))
         net.config = cfg
         return net
 
