@@ -256,6 +256,33 @@ def test_manifest_input_real_plate(cli, tmp_path, shared_data):
     assert prov["channel_names"] == ["DNA", "GFP"]
 
 
+def test_manifest_relative_paths_resolve_against_the_csv_folder(tmp_path, shared_data, monkeypatch):
+    """The plate's own manifest (file names relative to it), opened through a relative CSV path, and a
+    copy one folder up whose PathName_ columns are relative folders: both find the same files."""
+    import os
+    import shutil
+
+    from microsnoop.io import open_source
+
+    plate = tmp_path / "data" / "plate"
+    plate.mkdir(parents=True)
+    src = shared_data / "plates" / "bbbc013"
+    df = pd.read_csv(src / "manifest.csv").head(2)
+    for f in list(df["FileName_GFP"]) + list(df["FileName_DNA"]):
+        (plate / f).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(src / f, plate / f)
+    df.to_csv(plate / "manifest.csv", index=False)
+    up = df.assign(PathName_GFP="plate", PathName_DNA="plate")
+    up.to_csv(tmp_path / "data" / "up.csv", index=False)
+    monkeypatch.chdir(tmp_path)
+    a = open_source(Path("data/plate/manifest.csv"), channels=["DNA", "GFP"])
+    b = open_source(Path("data") / "up.csv", channels=["DNA", "GFP"])
+    want = [[Path("data/plate") / d, Path("data/plate") / g] for d, g in zip(df["FileName_DNA"], df["FileName_GFP"])]
+    assert [[Path(os.path.normpath(p)) for p in grp] for grp in a.files] == want
+    assert [[Path(os.path.normpath(p)) for p in grp] for grp in b.files] == want
+    assert all(p.exists() for grp in a.files for p in grp)
+
+
 def test_inspect_reports_problems(cli, tmp_path, yeast):
     import tifffile
 

@@ -275,11 +275,10 @@ class ManifestSource(FileListSource):
                 p = Path(str(val))
                 pcol = f"PathName_{ch}"
                 if not p.is_absolute():
+                    # relative file names (and relative PathName_ folders) are relative to the CSV's folder
                     base = df.iat[row_i, df.columns.get_loc(pcol)] if pcol in df.columns else None
-                    base = Path(str(base)) if base is not None and not pd.isna(base) else csv.parent
-                    if not base.is_absolute():
-                        base = csv.parent / base
-                    p = base / p
+                    folder = Path(str(base)) if base is not None and not pd.isna(base) else Path()
+                    p = (folder if folder.is_absolute() else csv.parent / folder) / p
                 if p in seen:
                     raise MicrosnoopError(f"row {row_i + 2}: file {p} is used twice ({seen[p]} and {col})", csv)
                 seen[p] = f"row {row_i + 2} {col}"

@@ -243,9 +243,7 @@ def plate_fields(manifest: str | Path, s: Any, progress: Callable[[int], None] |
     from ..embed import Embedder
     from ..io.readers import ManifestSource
 
-    # absolute: io.readers.ManifestSource joins a relative manifest folder onto itself when the
-    # manifest has no PathName_ columns (../x/manifest.csv -> ../x/../x/file.tif)
-    manifest = Path(manifest).absolute()
+    manifest = Path(manifest).absolute()  # so provenance and saved-mask paths do not depend on the cwd
     opts = FieldOptions(segmenter=s.segmenter, diameter=s.diameter, mode=s.mode, rescale_constant=s.rescale_constant,
                         crop_size=s.crop_size, max_cells=s.max_cells, seed=s.seed,
                         skip_border=not getattr(s, "keep_border", False),
