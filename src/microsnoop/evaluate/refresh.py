@@ -102,7 +102,9 @@ SEMANTICS = """\
 - Cells: `accuracy / macro-F1`. `embed s` = wall seconds to embed the set (recorded when it was embedded;
   cached embeddings keep their original time), `score s` = all protocols of the set, both on the machine below.
   On a shared CPU these timings vary with the load (2-3x); compare them as rough ratios.
-- Sets of kind `fields` need the whole-field pipeline; where it is absent they are listed as skipped.
+- Sets of kind `fields` go through the whole-field pipeline (`docs/fields.md`): Cellpose segmentation of the
+  first channel (cached per set), the paper's cell-region crops (Sta 224, `--fields-max-cells` seeded cells per
+  field), every crop embedded, the field vector = the mean of its cells; protocols score the field vectors.
 """
 
 
@@ -125,6 +127,24 @@ def shown_args(argv: Sequence[str]) -> list[str]:
     return out
 
 
+def default_vs_baselines(run: BenchmarkRun, tol: float = 0.005) -> list[str]:
+    """The default model's per-set mean accuracy minus every other model's, on the single-cell sets."""
+    from ..models import default_model_name
+    from .compare import compare, render
+
+    default = default_model_name()
+    cells = {ds for ds, info in run.datasets.items() if info.get("kind") == "single_cell"}
+    recs = [r for r in run.records if r["dataset"] in cells]
+    if default not in {r["model"] for r in recs}:
+        return []
+    rows = compare(recs, default, [m for m in run.models if m != default], tol)
+    return [f"## Default model against the others", "",
+            f"Per single-cell set, the mean of its protocol accuracies for `{default}` (the default) minus "
+            f"each other model's; \"won or tied\" counts sets where the default is no more than {tol} below "
+            f"(`python -m microsnoop.evaluate.compare REPORT/report.json --model {default}`).", "",
+            render(rows, default, tol), ""]
+
+
 def render_docs(run: BenchmarkRun, sets: Sequence[Path], data_dir: Path, argv: Sequence[str]) -> str:
     models = list(run.models)
     lines = ["# Benchmarks", "",
@@ -143,6 +163,7 @@ def render_docs(run: BenchmarkRun, sets: Sequence[Path], data_dir: Path, argv: S
         skips = [f"- {s['model']}: {s['reason']}" for s in run.skipped if s["dataset"] == ds]
         if skips:
             lines += ["Skipped:", "", *skips, ""]
+    lines += default_vs_baselines(run)
     model_skips = [s for s in run.skipped if s["dataset"] == "*"]
     if model_skips:
         lines += ["## Models not run", "", *[f"- {s['model']}: {s['reason']}" for s in model_skips], ""]
@@ -283,7 +304,7 @@ def refresh_peers(data_dir: Path | None = None, report_dir: Path | None = None, 
 
 def refresh(data_dir: Path | None = None, models: Sequence[str] | None = None, report_dir: Path | None = None,
             docs_path: Path = DOCS_PATH, device: str = "cpu", precision: str = "fp32", plot: str = "umap",
-            argv: Sequence[str] = ()) -> Path:
+            argv: Sequence[str] = (), fields_options: dict[str, Any] | None = None) -> Path:
     """Benchmark every set with every (or the given) model(s) and rewrite the docs page."""
     from ..models import list_models
     from . import benchmark_and_report
@@ -293,7 +314,8 @@ def refresh(data_dir: Path | None = None, models: Sequence[str] | None = None, r
     models = list(models) if models else [s.name for s in list_models()]
     report_dir = Path(report_dir) if report_dir else default_report_dir()
     run, paths = benchmark_and_report(sets, models, report_dir, plot=plot, device=device, precision=precision,
-                                      skip_missing_models=True, notify=lambda m: print(m, file=sys.stderr))
+                                      skip_missing_models=True, notify=lambda m: print(m, file=sys.stderr),
+                                      fields_options=fields_options)
     docs_path.parent.mkdir(parents=True, exist_ok=True)
     page = render_docs(run, sets, data_dir, argv)
     if PEERS_PATH.exists() and docs_path == DOCS_PATH:
@@ -315,6 +337,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--precision", default="fp32")
     ap.add_argument("--plot", default="umap", choices=["umap", "pca", "none"])
+    ap.add_argument("--fields-max-cells", type=int, default=16,
+                    help="sets of kind 'fields': cells embedded per field (seeded subset; default 16 keeps the refresh "
+                         "to minutes on a 2-core CPU)")
+    ap.add_argument("--fields-crop-size", type=int, default=None, help="sets of kind 'fields': Sta (default: 224)")
     ap.add_argument("--peers-only", action="store_true", help="only re-render the 'Peer pretext methods' section")
     ap.add_argument("--peer-run", action="append", type=Path, default=[], help="add/update a peer entry from a run folder")
     args = ap.parse_args(argv)
@@ -328,7 +354,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                     tmp.write_text(replace_peer_section(page, section))
                 print(f"wrote the peer section of {args.docs} and {PEERS_PATH}", file=sys.stderr)
                 return 0
-        refresh(args.data, args.model, args.report_dir, args.docs, args.device, args.precision, args.plot, argv)
+        refresh(args.data, args.model, args.report_dir, args.docs, args.device, args.precision, args.plot, argv,
+                fields_options={"max_cells": args.fields_max_cells, "crop_size": args.fields_crop_size})
     except MicrosnoopError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
