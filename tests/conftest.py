@@ -55,3 +55,25 @@ def yeast_subset(yeast, tmp_path_factory) -> Path:
     pd.read_csv(yeast / "metadata.csv").iloc[:96].to_csv(d / "metadata.csv", index=False)
     shutil.copy(yeast / "dataset.json", d / "dataset.json")
     return d / "images.npy"
+
+
+@pytest.fixture(scope="session")
+def tiny_pool(shared_data, tmp_path_factory) -> Path:
+    """8 real pretraining images (2 per modality), centre-cropped to 96 px, with a manifest."""
+    import pandas as pd
+    import tifffile
+
+    from microsnoop.io.images import read_image
+
+    src = shared_data / "pretrain"
+    man = pd.read_csv(src / "manifest.csv")
+    d = tmp_path_factory.mktemp("pool8")
+    rows = []
+    for modality, grp in man.groupby("modality"):
+        for rel in grp["path"].iloc[:2]:
+            img = read_image(src / rel)[0]
+            y0, x0 = (img.shape[0] - 96) // 2, (img.shape[1] - 96) // 2
+            tifffile.imwrite(d / Path(rel).name, img[y0:y0 + 96, x0:x0 + 96])
+            rows.append({"path": Path(rel).name, "modality": modality})
+    pd.DataFrame(rows).to_csv(d / "manifest.csv", index=False)
+    return d

@@ -26,26 +26,6 @@ def one_thread():
     torch.set_num_threads(before)
 
 
-@pytest.fixture(scope="module")
-def pool8(shared_data, tmp_path_factory) -> Path:
-    """8 real pretraining images (2 per modality), centre-cropped to 96 px, with a manifest."""
-    import tifffile
-
-    from microsnoop.io.images import read_image
-
-    src = shared_data / "pretrain"
-    man = pd.read_csv(src / "manifest.csv")
-    d = tmp_path_factory.mktemp("pool8m")
-    rows = []
-    for modality, grp in man.groupby("modality"):
-        for rel in grp["path"].iloc[:2]:
-            img = read_image(src / rel)[0]
-            y0, x0 = (img.shape[0] - 96) // 2, (img.shape[1] - 96) // 2
-            tifffile.imwrite(d / Path(rel).name, img[y0:y0 + 96, x0:x0 + 96])
-            rows.append({"path": Path(rel).name, "modality": modality})
-    pd.DataFrame(rows).to_csv(d / "manifest.csv", index=False)
-    return d
-
 
 @pytest.fixture(scope="module")
 def yeast82(yeast, tmp_path_factory) -> Path:
@@ -126,13 +106,13 @@ def test_dino_loss_known_values():
     assert momentum_at(0, cfg) == pytest.approx(0.99) and momentum_at(20, cfg) == pytest.approx(1.0)
 
 
-def test_dino_multicrop_and_ema_teacher(pool8):
+def test_dino_multicrop_and_ema_teacher(tiny_pool):
     from microsnoop.train.base import get_method
     from microsnoop.train.data import ImagePool
 
     m = get_method("dino-vit")
     cfg = {**m.defaults, **TINY, "steps": 10, "out_dim": 256}
-    ds = m.make_dataset(ImagePool(pool8), cfg)
+    ds = m.make_dataset(ImagePool(tiny_pool), cfg)
     b = ds[3]
     assert b["global"].shape == (8, 1, 48, 48) and b["local"].shape == (4 * 6, 1, 24, 24)
     assert torch.equal(ds[3]["local"], b["local"])  # a pure function of (seed, step)
@@ -154,10 +134,10 @@ def test_dino_multicrop_and_ema_teacher(pool8):
     assert torch.allclose(model.teacher.state_dict()[k], expect, atol=1e-6)
 
 
-def test_dino_train_round_trip_and_embed_cli(pool8, yeast82, tmp_path, cli):
+def test_dino_train_round_trip_and_embed_cli(tiny_pool, yeast82, tmp_path, cli):
     from microsnoop.train.loop import train
 
-    res = train(pool8, tmp_path / "run", method="dino-vit", options={**TINY, "out_dim": 256, "precision": "fp32"})
+    res = train(tiny_pool, tmp_path / "run", method="dino-vit", options={**TINY, "out_dim": 256, "precision": "fp32"})
     assert res["steps"] == 2 and math.isfinite(res["final_loss"])
     x = torch.from_numpy(np.load(yeast82 / "images.npy")[:5, 0].astype(np.float32))[:, None]
     x = x / x.amax(dim=(2, 3), keepdim=True)
@@ -307,12 +287,12 @@ def test_peer_section_survives_regeneration(tmp_path):
 
 
 @pytest.mark.parametrize("method", ["dino-vit", "cytoself"])
-def test_resume_is_bit_for_bit_with_method_state(method, pool8, yeast82, tmp_path):
+def test_resume_is_bit_for_bit_with_method_state(method, tiny_pool, yeast82, tmp_path):
     """The EMA teacher and centre (dino-vit) and the EMA codebooks (cytoself) live in the state dict,
     so an interrupted run resumes exactly like the uninterrupted one."""
     from microsnoop.train.loop import load_training_state, train
 
-    data = pool8 if method == "dino-vit" else yeast82
+    data = tiny_pool if method == "dino-vit" else yeast82
     opts = {**TINY, "steps": 4, "precision": "fp32", "input_size": 48 if method == "dino-vit" else 32}
     if method == "dino-vit":
         opts["out_dim"] = 128

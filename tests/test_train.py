@@ -11,27 +11,6 @@ import torch
 SMALL = dict(input_size=48, batch_size=4, warmup_steps=2, lr=3e-3, checkpoint_every=2, workers=0, seed=3)
 
 
-@pytest.fixture(scope="module")
-def tiny_pool(shared_data, tmp_path_factory) -> Path:
-    """8 real pretraining images (2 per modality), centre-cropped to 96 px, with a manifest."""
-    import tifffile
-
-    from microsnoop.io.images import read_image
-
-    src = shared_data / "pretrain"
-    man = pd.read_csv(src / "manifest.csv")
-    d = tmp_path_factory.mktemp("pool8")
-    rows = []
-    for modality, grp in man.groupby("modality"):
-        for rel in grp["path"].iloc[:2]:
-            img = read_image(src / rel)[0]
-            y0, x0 = (img.shape[0] - 96) // 2, (img.shape[1] - 96) // 2
-            name = Path(rel).name
-            tifffile.imwrite(d / name, img[y0:y0 + 96, x0:x0 + 96])
-            rows.append({"path": name, "modality": modality})
-    pd.DataFrame(rows).to_csv(d / "manifest.csv", index=False)
-    return d
-
 
 def _eval_loss(model: torch.nn.Module, pool_dir: Path) -> float:
     """Loss on fixed batches (steps 1000-1003: same crops and masks every call), with batch statistics

@@ -6,7 +6,6 @@ from typing import Any
 
 import torch
 
-from ..errors import MicrosnoopError
 from .checkpoints import sha256_state_dict
 from .registry import ChannelEncoder, ModelSpec, register_architecture, register_model
 from .unet import DEFAULT_WIDTHS, MicrosnoopUNet
@@ -34,13 +33,7 @@ class UNetEncoder(ChannelEncoder):
 
     def load_weights(self, state: dict[str, torch.Tensor], source: object = None) -> None:
         # checkpoints may hold the bare U-Net ('encoder.*') or this wrapper ('net.encoder.*')
-        if not any(k.startswith("net.") for k in state):
-            state = {f"net.{k}": v for k, v in state.items()}
-        missing, unexpected = self.load_state_dict(state, strict=False)
-        if missing or unexpected:
-            raise MicrosnoopError(f"weights do not fit the U-Net: {len(missing)} missing "
-                                  f"({', '.join(missing[:3])}...), {len(unexpected)} unexpected "
-                                  f"({', '.join(unexpected[:3])}...)", source)
+        self.load_prefixed(state, "net.", "U-Net", source)
 
 
 register_architecture("unet", UNetEncoder)

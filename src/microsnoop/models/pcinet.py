@@ -96,12 +96,7 @@ class PairedInpaintingEncoder(ChannelEncoder):
         return f.amax(dim=(2, 3)) if self.config["pool"] == "max" else f.mean(dim=(2, 3))
 
     def load_weights(self, state: dict[str, torch.Tensor], source: object = None) -> None:
-        if not any(k.startswith("source.") for k in state):
-            state = {f"source.{k}": v for k, v in state.items()}
-        missing, unexpected = self.load_state_dict(state, strict=False)
-        if missing or unexpected:
-            raise MicrosnoopError(f"weights do not fit the paired-inpainting encoder: {len(missing)} missing "
-                                  f"({', '.join(missing[:3])}), {len(unexpected)} unexpected", source)
+        self.load_prefixed(state, "source.", "paired-inpainting encoder", source)
 
 
 register_architecture("paired-inpainting", PairedInpaintingEncoder)

@@ -28,6 +28,16 @@ class ChannelEncoder(nn.Module):
     config: dict[str, Any]
     spec: "ModelSpec | None" = None
 
+    def load_prefixed(self, state: dict[str, torch.Tensor], prefix: str, what: str, source: object = None) -> None:
+        """Strictly load ``state`` into this wrapper, whose network lives under ``prefix`` (e.g. ``net.``);
+        bare-network checkpoints (keys without the prefix) are accepted too."""
+        if not any(k.startswith(prefix) for k in state):
+            state = {f"{prefix}{k}": v for k, v in state.items()}
+        missing, unexpected = self.load_state_dict(state, strict=False)
+        if missing or unexpected:
+            raise MicrosnoopError(f"weights do not fit the {what}: {len(missing)} missing ({', '.join(missing[:3])}), "
+                                  f"{len(unexpected)} unexpected ({', '.join(unexpected[:3])})", source)
+
     def provenance(self) -> dict[str, Any]:
         return {"model": self.name, "model_sha256": self.sha256, "model_config": getattr(self, "config", {})}
 

@@ -13,7 +13,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..errors import MicrosnoopError
 from .registry import ChannelEncoder, register_architecture
 
 VIT_DEFAULTS: dict[str, Any] = {"patch": 8, "dim": 192, "depth": 4, "heads": 3, "mlp_ratio": 4.0, "grid": 6}
@@ -125,12 +124,7 @@ class ViTEncoder(ChannelEncoder):
         return self.vit(x).float()
 
     def load_weights(self, state: dict[str, torch.Tensor], source: object = None) -> None:
-        if not any(k.startswith("vit.") for k in state):
-            state = {f"vit.{k}": v for k, v in state.items()}
-        missing, unexpected = self.load_state_dict(state, strict=False)
-        if missing or unexpected:
-            raise MicrosnoopError(f"weights do not fit the ViT: {len(missing)} missing ({', '.join(missing[:3])}), "
-                                  f"{len(unexpected)} unexpected ({', '.join(unexpected[:3])})", source)
+        self.load_prefixed(state, "vit.", "ViT", source)
 
 
 register_architecture("vit", ViTEncoder)

@@ -202,13 +202,7 @@ class CytoselfEncoder(ChannelEncoder):
         return torch.cat(parts, 1).float()
 
     def load_weights(self, state: dict[str, torch.Tensor], source: object = None) -> None:
-        if not any(k.startswith("net.") for k in state):
-            state = {f"net.{k}": v for k, v in state.items()}
-        missing, unexpected = self.load_state_dict(state, strict=False)
-        if missing or unexpected:
-            raise MicrosnoopError(f"weights do not fit the cytoself VQ-VAE: {len(missing)} missing "
-                                  f"({', '.join(missing[:3])}), {len(unexpected)} unexpected ({', '.join(unexpected[:3])})",
-                                  source)
+        self.load_prefixed(state, "net.", "cytoself VQ-VAE", source)
 
 
 register_architecture("cytoself", CytoselfEncoder)
