@@ -297,7 +297,7 @@ def refresh_peers(data_dir: Path | None = None, report_dir: Path | None = None, 
         peers["methods"] = [e for e in peers["methods"] if e["method"] != new["method"]] + [new]
     benchmark_peers(peers, find_sets(data_dir), report_dir, device, precision)
     with atomic_path(peers_path) as tmp:
-        tmp.write_text(json.dumps(peers, indent=1) + "\n")
+        tmp.write_text(json.dumps(peers, indent=1, ensure_ascii=False) + "\n")
     os.chmod(peers_path, 0o644)
     return render_peers(peers)
 
