@@ -295,3 +295,18 @@ def test_inspect_reports_problems(cli, tmp_path, yeast):
     assert code == 2 and "b.tif" in out and "problems: 1" in out
     code, out, _ = cli("inspect", yeast / "images.npy")
     assert code == 0 and "images: 1642" in out and "Metadata_Protein: 5 groups" in out
+
+
+def test_atomic_outputs_get_the_umask_mode_not_mkstemp_private(tmp_path):
+    import os
+
+    from microsnoop.io.atomic import atomic_path
+
+    old = os.umask(0o022)
+    try:
+        with atomic_path(tmp_path / "out.txt") as tmp:
+            tmp.write_text("x")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "out.txt").stat().st_mode & 0o777 == 0o644
+    assert [p.name for p in tmp_path.iterdir()] == ["out.txt"]

@@ -4,8 +4,11 @@ from __future__ import annotations
 import contextlib
 import os
 import tempfile
+import threading
 from pathlib import Path
 from typing import Iterator
+
+_UMASK_LOCK = threading.Lock()
 
 
 @contextlib.contextmanager
@@ -18,10 +21,23 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     tmp = Path(tmp)
     try:
         yield tmp
+        # mkstemp files are private (0600); give the result the mode a plain open() would (0666 - umask),
+        # so outputs on a lab's shared filesystem are readable as the user's other files are
+        if tmp.exists():
+            os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
     finally:
         if tmp.exists():
             tmp.unlink()
+
+
+def _umask() -> int:
+    """The process umask. Reading it means setting it for an instant, which is not thread-safe, so
+    it is read under a lock (a loader thread may be creating files at the same time)."""
+    with _UMASK_LOCK:
+        mask = os.umask(0o077)  # set the strictest mask for that instant, never a looser one
+        os.umask(mask)
+    return mask
 
 
 def save_npy_atomic(path: str | os.PathLike, array) -> None:
