@@ -17,6 +17,7 @@ A field in which no cell survives (empty segmentation, or all on the border) is 
 from __future__ import annotations
 
 import logging
+import re
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -52,6 +53,10 @@ class FieldOptions:
     skip_border: bool = True
     centre_size: int | None = None       # crop side for cells given as centres (None: 2 * diameter or 32)
     segment_precision: str = "auto"      # cellpose network: auto (bf16 where native) | fp32 | bf16
+
+    def centre_side(self) -> int:
+        """Box side (px) of a cell given by its centre: ``centre_size``, else twice the diameter, else 32."""
+        return int(self.centre_size or (2 * self.diameter if self.diameter else 32))
 
     def check(self) -> "FieldOptions":
         check_mode(self.mode)
@@ -148,8 +153,7 @@ class FieldEmbedder:
             table = cell_table(labels)
             fixed = None
         else:
-            size = int(o.centre_size or (2 * o.diameter if o.diameter else 32))
-            fixed = max(1, size // 2)
+            fixed = max(1, o.centre_side() // 2)
         n_found = len(table)
         crops, kept = crop_cells(emb, table, self.rc, self.sta, skip_border=o.skip_border, fixed_half_side=fixed)
         if o.max_cells is not None and len(kept) > o.max_cells:
@@ -205,8 +209,6 @@ def save_mask(labels: np.ndarray, path: Path) -> Path:
 def field_key(meta: pd.Series, index: int) -> str:
     parts = [str(meta[c]) for c in ("Metadata_Plate", "Metadata_Well", "Metadata_Site", "Metadata_Field")
              if c in meta.index and pd.notna(meta[c])]
-    import re
-
     key = "_".join(parts) if parts else f"field{index:05d}"
     return f"{index:05d}_" + re.sub(r"[^A-Za-z0-9_.-]+", "-", key)
 
@@ -311,8 +313,7 @@ def plate_fields(manifest: str | Path, s: Any, progress: Callable[[int], None] |
             labels = read_mask_file(mask_files[i], img.shape[1:])
         elif centres is not None:
             ys, xs = centres[i]
-            size = int(opts.centre_size or (2 * opts.diameter if opts.diameter else 32))
-            table = centre_table(ys, xs, size, img.shape[1:])
+            table = centre_table(ys, xs, opts.centre_side(), img.shape[1:])
         elif needs_seg:
             labels = fe.labels_for(img)
         t2 = time.perf_counter()

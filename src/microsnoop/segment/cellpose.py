@@ -157,8 +157,13 @@ class CellposeSegmenter:
             self.diameter = old
         return float(self.last_diameter)
 
-    def flows(self, image: np.ndarray, final_pass: bool = True) -> tuple[np.ndarray, np.ndarray, float]:
-        """(flows, cellprob, rescale) at the network scale.
+    def _masks(self, dP: np.ndarray, cp: np.ndarray, rescale: float) -> np.ndarray:
+        return compute_masks(dP, cp, niter=self.niter, cellprob_threshold=self.cellprob_threshold,
+                             flow_threshold=self.flow_threshold, min_size=max(1, int(round(self.min_size * rescale ** 2))))
+
+    def flows(self, image: np.ndarray, final_pass: bool = True) -> tuple[np.ndarray, np.ndarray, float, np.ndarray | None]:
+        """(flows, cellprob, rescale, masks or None) at the network scale; ``masks`` are those of these
+        flows when size estimation already computed them (so the caller need not run the dynamics again).
 
         Size estimation as Cellpose's SizeModel: the style vector of a pass at scale 1 gives a first
         diameter (linear model in ``size_compute.npy``); the image is segmented at that size and the
@@ -168,15 +173,14 @@ class CellposeSegmenter:
             rescale = DIAM_MEAN / self.diameter
             dP, cp, _ = run_network(self.net, image, rescale, self.precision)
             self.last_diameter = float(self.diameter)
-            return dP, cp, rescale
+            return dP, cp, rescale, None
         dP, cp, style = run_network(self.net, image, 1.0, self.precision)
         rescale = 1.0
         diam = estimate_diameter(style)
         if abs(DIAM_MEAN / diam - rescale) > 0.1:
             rescale = DIAM_MEAN / diam
             dP, cp, _ = run_network(self.net, image, rescale, self.precision)
-        masks = compute_masks(dP, cp, niter=self.niter, cellprob_threshold=self.cellprob_threshold,
-                              flow_threshold=self.flow_threshold, min_size=max(1, int(self.min_size * rescale ** 2)))
+        masks = self._masks(dP, cp, rescale)
         if masks.max() > 0:
             areas = np.bincount(masks.ravel())[1:]
             diam = float(2 * np.sqrt(np.median(areas[areas > 0]) / np.pi)) / rescale
@@ -185,16 +189,16 @@ class CellposeSegmenter:
         if final_pass and abs(DIAM_MEAN / diam - rescale) > 0.1 * rescale:
             rescale = DIAM_MEAN / diam
             dP, cp, _ = run_network(self.net, image, rescale, self.precision)
-        return dP, cp, rescale
+            masks = None
+        return dP, cp, rescale, masks
 
     def __call__(self, image: np.ndarray) -> np.ndarray:
         image = np.asarray(image)
         if image.ndim != 2:
             raise MicrosnoopError(f"segmentation needs a 2-D image, got shape {image.shape}")
-        dP, cp, rescale = self.flows(image)
-        min_size = max(1, int(round(self.min_size * rescale ** 2)))
-        masks = compute_masks(dP, cp, niter=self.niter, cellprob_threshold=self.cellprob_threshold,
-                              flow_threshold=self.flow_threshold, min_size=min_size)
+        dP, cp, rescale, masks = self.flows(image)
+        if masks is None:
+            masks = self._masks(dP, cp, rescale)
         if masks.shape != image.shape:
             t = torch.from_numpy(masks.astype(np.float32))[None, None]
             masks = F.interpolate(t, size=image.shape, mode="nearest")[0, 0].numpy().astype(np.int32)
