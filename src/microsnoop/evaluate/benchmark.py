@@ -9,7 +9,6 @@ they are skipped with a message in the console and in the report, never silently
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import logging
 import re
@@ -84,12 +83,9 @@ class BenchmarkRun:
 
 def sha256_files(paths: Iterable[Path]) -> str:
     """One digest over several files (their bytes in order): the data part of the cache key."""
-    h = hashlib.sha256()
-    for p in paths:
-        with open(p, "rb") as fh:
-            for block in iter(lambda: fh.read(1 << 20), b""):
-                h.update(block)
-    return h.hexdigest()
+    from ..models.checkpoints import hash_files
+
+    return hash_files(paths).hexdigest()
 
 
 def load_set(path: str | Path) -> BenchmarkSet:

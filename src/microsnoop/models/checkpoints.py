@@ -4,7 +4,7 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
 import torch
 
@@ -12,12 +12,19 @@ from ..errors import MicrosnoopError
 from ..io.atomic import atomic_path
 
 
+def hash_files(paths: Iterable[str | Path], h: Any = None, chunk: int = 1 << 20) -> Any:
+    """A sha256 hasher fed the bytes of ``paths`` in order, read in chunks (data files can be large);
+    returned unfinished so callers can add settings to the digest."""
+    h = h if h is not None else hashlib.sha256()
+    for path in paths:
+        with open(path, "rb") as fh:
+            while block := fh.read(chunk):
+                h.update(block)
+    return h
+
+
 def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while block := fh.read(chunk):
-            h.update(block)
-    return h.hexdigest()
+    return hash_files([path], chunk=chunk).hexdigest()
 
 
 def sha256_state_dict(state: dict[str, torch.Tensor]) -> str:

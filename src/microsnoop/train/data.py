@@ -219,8 +219,9 @@ class LabelledSet:
         self.meta = meta.iloc[rows].reset_index(drop=True)
         self.images = normalize_percentile(np.asarray(images[rows]))  # (N, C, H, W) float32
         self.n_channels = int(self.images.shape[1])
-        h = hashlib.sha256(img_path.read_bytes())
-        h.update(meta_path.read_bytes())
+        from ..models.checkpoints import hash_files
+
+        h = hash_files([img_path, meta_path])  # chunked: images.npy can be larger than memory
         h.update(f"{split}|{split_column}|{label_column}|{group_column}".encode())
         self.manifest_sha256 = h.hexdigest()
         self.holdout: list[str] = []
