@@ -74,16 +74,21 @@ def embed(
     threads: Optional[int] = typer.Option(None, "--threads", help="CPU threads per process (default: the CPUs available, divided among torchrun's local ranks)."),
     resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run from its finished chunks."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output."),
+    tta: Optional[str] = typer.Option(None, "--tta", help="Test-time augmentation: none | rot4 | d8 (average over 4 rotations / 8 rotations+flips: exactly invariant, 4x / 8x slower). Default: the model's head."),
+    levels: Optional[str] = typer.Option(None, "--levels", help="U-Net models: encoder levels pooled: all | last | 1-3 | 2+3. Default: the model's head."),
+    pool: Optional[str] = typer.Option(None, "--pool", help="U-Net models: mean | max | meanmax pooling of each level. Default: the model's head."),
 ) -> None:
-    """Embed images: every channel separately, vectors concatenated in channel order (256 per channel)."""
+    """Embed images: every channel separately, vectors concatenated in channel order (the model's dim per channel)."""
     from .embed import Embedder, embed_source
     from .io import open_source
 
     src = open_source(input, channels=_split(channels), channel_names=_split(channel_names),
                       path_columns=_split(path_columns), channel_index=[int(i) for i in _split(channel_index) or []],
                       metadata=metadata)
-    emb = Embedder(model, device=device, precision=precision, batch_size=batch_size, threads=threads)
-    log.info("model %s (sha256 %s), device %s, precision %s", emb.encoder.name, emb.encoder.sha256[:12], emb.device, emb.precision)
+    emb = Embedder(model, device=device, precision=precision, batch_size=batch_size, threads=threads,
+                   tta=tta, levels=levels, pool=pool)
+    log.info("model %s (sha256 %s), device %s, precision %s, tta %s", emb.encoder.name, emb.encoder.sha256[:12],
+             emb.device, emb.precision, emb.encoder.tta)
     prog, advance = progress_bar(len(src), "embedding")
     with prog:
         out = embed_source(src, output, fmt=fmt, chunk_size=chunk_size, resume=resume, overwrite=overwrite,

@@ -20,6 +20,8 @@ import torch.nn.functional as F
 
 from ..errors import MicrosnoopError
 from ..models import ChannelEncoder, create_model
+from ..models.registry import apply_head
+from ..models.heads import TTAModule
 from .fused import fast_module
 from .normalize import normalize_percentile
 
@@ -155,11 +157,13 @@ class Embedder:
     to a cosine of ~0.9999 (oneDNN may pick other kernels for other batch sizes)."""
 
     def __init__(self, model: str | ChannelEncoder | None = None, device: str | torch.device = "auto",
-                 precision: str = "fp32", batch_size: int | None = None, threads: int | None = None):
+                 precision: str = "fp32", batch_size: int | None = None, threads: int | None = None,
+                 tta: str | None = None, levels: Any = None, pool: str | None = None):
         self.device = resolve_device(device)
         if self.device.type == "cpu":
             configure_threads(threads)
         self.encoder = model if isinstance(model, ChannelEncoder) else create_model(model, device=self.device)
+        apply_head(self.encoder, levels=levels, pool=pool, tta=tta)  # head options override the model's
         self.encoder = self.encoder.to(self.device).eval()
         self.precision = resolve_precision(precision, self.device, self.encoder)
         self.batch_size = None if batch_size is None else int(batch_size)
@@ -177,6 +181,8 @@ class Embedder:
         """The optimised module (built on first use, so weights loaded after construction count)."""
         if self._module is None:
             self._module, self._autocast = fast_module(self.encoder, self.device, self.precision)
+            if self.encoder.tta != "none":
+                self._module = TTAModule(self._module, self.encoder.tta)
         return self._module
 
     def refresh(self) -> None:
@@ -265,7 +271,8 @@ class Prepared:
 
 
 def embed_images(images: np.ndarray | Sequence[np.ndarray], model: str | ChannelEncoder | None = None, *,
-                 batch_size: int | None = None, device: str = "auto", precision: str = "fp32") -> np.ndarray:
+                 batch_size: int | None = None, device: str = "auto", precision: str = "fp32",
+                 tta: str | None = None) -> np.ndarray:
     """Embed images in memory: (N, C, H, W) or a list of (C, H, W) -> (N, C * dim) float32.
 
     >>> import microsnoop, numpy as np
@@ -274,4 +281,4 @@ def embed_images(images: np.ndarray | Sequence[np.ndarray], model: str | Channel
     """
     if isinstance(images, np.ndarray) and images.ndim == 3:
         images = images[None]
-    return Embedder(model, device=device, precision=precision, batch_size=batch_size).embed(images)
+    return Embedder(model, device=device, precision=precision, batch_size=batch_size, tta=tta).embed(images)

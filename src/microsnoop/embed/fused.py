@@ -21,6 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..models.heads import pool_levels
+
 
 def _bn_affine(bn: nn.BatchNorm2d) -> tuple[torch.Tensor, torch.Tensor]:
     a = bn.weight / torch.sqrt(bn.running_var + bn.eps)
@@ -72,18 +74,37 @@ class FusedResDown(nn.Module):
 
 
 class FusedUNetEncoder(nn.Module):
-    """(B, 1, H, W) -> (B, dim) float32: the same function as ``UNetEncoder.forward``."""
+    """(B, 1, H, W) -> (B, dim) float32: the same function as ``UNetEncoder.forward`` (any head)."""
 
-    def __init__(self, encoder: nn.Module):
+    def __init__(self, encoder: nn.Module, levels: tuple[int, ...] | None = None, pool: str = "mean",
+                 post: nn.Module | None = None):
         super().__init__()
         self.blocks = nn.ModuleList(FusedResDown(b) for b in encoder.down)
+        self.levels = tuple(levels) if levels is not None else (len(self.blocks) - 1,)
+        self.pool = pool
+        self.post = post  # e.g. a distilled model's projections (kept in fp32)
+        self.depth = max(self.levels) + 1  # deeper blocks than the last pooled level need not run
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        for i, block in enumerate(self.blocks):
+        feats = []
+        for i, block in enumerate(self.blocks[:self.depth]):
             if i:
                 x = F.max_pool2d(x, 2)
             x = block(x)
-        return x.float().mean(dim=(2, 3))
+            feats.append(x)
+        v = pool_levels(feats, self.levels, self.pool)
+        return self.post(v) if self.post is not None else v
+
+
+class _PostPool(nn.Module):
+    """An encoder's ``post_pool`` in fp32, outside the bf16 body (tiny, precision-sensitive)."""
+
+    def __init__(self, encoder: nn.Module):
+        super().__init__()
+        self.encoder_post = copy.deepcopy(encoder).float()
+
+    def forward(self, v: torch.Tensor) -> torch.Tensor:
+        return self.encoder_post.post_pool(v.float())
 
 
 def fast_module(encoder: nn.Module, device: torch.device, precision: str) -> tuple[nn.Module, bool]:
@@ -96,13 +117,17 @@ def fast_module(encoder: nn.Module, device: torch.device, precision: str) -> tup
 
     if isinstance(encoder, UNetEncoder) and type(encoder).forward is UNetEncoder.forward:
         with torch.no_grad():
-            mod = FusedUNetEncoder(encoder.net.encoder).eval().to(device)
+            mod = FusedUNetEncoder(encoder.backbone, encoder.config["levels"], encoder.config["pool"]).eval().to(device)
         mod = mod.to(memory_format=torch.channels_last)
         if precision == "bf16":
-            return mod.to(torch.bfloat16), False
-        if precision == "fp16" and device.type == "cuda":
-            return mod.to(torch.float16), False
-        return mod, precision != "fp32"
+            mod, cast = mod.to(torch.bfloat16), False
+        elif precision == "fp16" and device.type == "cuda":
+            mod, cast = mod.to(torch.float16), False
+        else:
+            cast = precision != "fp32"
+        if type(encoder).post_pool is not UNetEncoder.post_pool:
+            mod.post = _PostPool(encoder).eval().to(device)
+        return mod, cast
     try:
         encoder = encoder.to(memory_format=torch.channels_last)
     except (RuntimeError, TypeError):

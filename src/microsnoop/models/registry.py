@@ -38,6 +38,19 @@ class ChannelEncoder(nn.Module):
             raise MicrosnoopError(f"weights do not fit the {what}: {len(missing)} missing ({', '.join(missing[:3])}), "
                                   f"{len(unexpected)} unexpected ({', '.join(unexpected[:3])})", source)
 
+    @property
+    def tta(self) -> str:
+        """Test-time augmentation of this model's head (``none``, ``rot4``, ``d8``), run by the engine."""
+        return getattr(self, "config", {}).get("tta", "none")
+
+    def set_head(self, levels: Any = None, pool: str | None = None, tta: str | None = None) -> None:
+        """Set the embedding head; encoders without a choice of levels or pooling take only ``tta``."""
+        from .heads import check_tta
+
+        if levels is not None or pool is not None:
+            raise MicrosnoopError(f"model '{self.name}' has no choice of encoder levels or pooling (only tta)")
+        self.config = {**getattr(self, "config", {}), "tta": check_tta(tta)}
+
     def provenance(self) -> dict[str, Any]:
         return {"model": self.name, "model_sha256": self.sha256, "model_config": getattr(self, "config", {})}
 
@@ -110,9 +123,50 @@ def build_from_checkpoint(path: str | Path, expected_sha256: str | None = None, 
     return enc
 
 
-def create_model(name: str | Path | None = None, pretrained: bool = True, device: str | torch.device = "cpu") -> ChannelEncoder:
-    """Build a registered model by name (or load a checkpoint path), in eval mode on ``device``."""
+def create_model(name: str | Path | None = None, pretrained: bool = True, device: str | torch.device = "cpu",
+                 **head: Any) -> ChannelEncoder:
+    """Build a registered model by name (or load a checkpoint path), in eval mode on ``device``.
+
+    Parameters
+    ----------
+    name : str or Path, optional
+        A registered name, a checkpoint path, or either followed by head options after a colon
+        (``"cellpose-encoder:levels=all,tta=d8"``). Default: the default model.
+    pretrained : bool
+        Load the trained weights (registered models).
+    device : str or torch.device
+    **head
+        ``levels``, ``pool``, ``tta``: override the model's embedding head (see ``models/heads.py``).
+
+    Returns
+    -------
+    ChannelEncoder
+    """
+    from .heads import split_head_options
+
     name = str(name) if name is not None else default_model_name()
+    if name not in _REGISTRY and not Path(name).exists():
+        name, opts = split_head_options(name)
+        head = {**opts, **{k: v for k, v in head.items() if v is not None}}
+    enc = _build_named(name, pretrained)
+    apply_head(enc, **head)
+    return enc.eval().to(device)
+
+
+def apply_head(enc: ChannelEncoder, **head: Any) -> ChannelEncoder:
+    """Set head options that are not ``None`` and add them to the model's name, which then says which
+    head made the vectors (benchmark tables, caches, provenance)."""
+    head = {k: v for k, v in head.items() if v is not None}
+    if head:
+        enc.set_head(**head)
+        base, old = enc.name.split(":", 1) if ":" in enc.name and "=" in enc.name.rsplit(":", 1)[1] else (enc.name, "")
+        merged = dict(p.split("=", 1) for p in old.split(",") if "=" in p)
+        merged.update({k: str(v) for k, v in head.items()})
+        enc.name = f"{base}:" + ",".join(f"{k}={v}" for k, v in merged.items())
+    return enc
+
+
+def _build_named(name: str, pretrained: bool) -> ChannelEncoder:
     if name in _REGISTRY:
         spec = _REGISTRY[name]
         try:
@@ -133,4 +187,4 @@ def create_model(name: str | Path | None = None, pretrained: bool = True, device
     else:
         get_spec(name)  # raises the 'unknown model' error
         raise AssertionError
-    return enc.eval().to(device)
+    return enc

@@ -37,13 +37,37 @@ def apply_mask(images: torch.Tensor, ratio: float, rng: np.random.Generator, pat
     return torch.from_numpy(np.stack([patch_mask(h, w, ratio, rng, patch) for _ in range(b)])[:, None])
 
 
+def _standardise(v: torch.Tensor) -> torch.Tensor:
+    """Each vector centred and scaled over its features: compares directions, not the shared offset."""
+    v = v - v.mean(1, keepdim=True)
+    return v / v.pow(2).mean(1, keepdim=True).add(1e-6).sqrt()
+
+
+def invariance_loss(net: nn.Module, x: torch.Tensor, turn: torch.Tensor) -> torch.Tensor:
+    """MSE between the standardised all-level pooled features of ``x`` and of ``x`` turned by
+    ``turn = (quarter turns, flip)``; the unturned view is the (stop-gradient) target."""
+    from ...models.heads import dihedral, pool_levels
+
+    levels = list(range(len(net.encoder.down)))
+    with torch.no_grad():
+        target = _standardise(pool_levels(net.encoder(x), levels, "mean"))
+    turned = dihedral(x, int(turn[0]), bool(turn[1]))
+    pred = _standardise(pool_levels(net.encoder(turned), levels, "mean"))
+    return F.mse_loss(pred, target)
+
+
 class MaeUNet(PretextMethod):
     name = "mae-unet"
     # encoder_* keys matter when fine-tuning (--init): a fresh decoder/head first sends large, noisy
     # gradients into the pretrained encoder; a smaller encoder LR, a few frozen steps and the
     # pretrained BatchNorm statistics (eval-mode BN in the encoder) keep what it already knows.
+    # gamma / noise: intensity augmentation of the crop (reconstruction target included);
+    # invariance_weight > 0 adds a second, differently rotated/flipped unmasked view whose pooled
+    # all-level features must match the first view's (stop-gradient on the target view): rotation
+    # invariance trained in, while reconstruction keeps the features from collapsing
     defaults = {"mask_ratio": 0.25, "patch": 16, "widths": [32, 64, 128, 256], "encoder_lr_scale": 1.0,
-                "encoder_frozen_steps": 0, "freeze_encoder_bn": False}
+                "encoder_frozen_steps": 0, "freeze_encoder_bn": False, "gamma": None, "noise": 0.0,
+                "invariance_weight": 0.0}
 
     def build(self, config: dict[str, Any]) -> nn.Module:
         # the bare U-Net: forward() reconstructs, which is what DDP / the loop call
@@ -51,18 +75,37 @@ class MaeUNet(PretextMethod):
 
     def make_dataset(self, pool: ImagePool, config: dict[str, Any], shard: tuple[int, int] = (0, 1)) -> StepBatches:
         ratio, patch = float(config["mask_ratio"]), int(config["patch"])
+        gamma, noise = config.get("gamma"), float(config.get("noise") or 0.0)
+        self._invariance = float(config.get("invariance_weight") or 0.0)
+
+        def extra(imgs: torch.Tensor, rng: np.random.Generator) -> dict[str, torch.Tensor]:
+            out = {}
+            if gamma or noise:
+                from .distill_unet import intensity_view, normalize_crops
+
+                imgs = torch.from_numpy(intensity_view(normalize_crops(imgs.numpy()), rng, tuple(gamma or (1.0, 1.0)), noise))
+                out["image"] = imgs
+            out["mask"] = apply_mask(imgs, ratio, rng, patch)
+            if self._invariance:
+                out["turn"] = torch.tensor([int(rng.integers(1, 4)), int(rng.random() < 0.5)])
+            return out
+
         return StepBatches(pool, int(config["batch_size"]), int(config["input_size"]), int(config["seed"]),
-                           tuple(config.get("scale_range", (0.75, 1.5))),
-                           extra=lambda imgs, rng: {"mask": apply_mask(imgs, ratio, rng, patch)}, shard=shard)
+                           tuple(config.get("scale_range", (0.75, 1.5))), extra=extra, shard=shard)
 
     def loss(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
         x, mask = batch["image"], batch["mask"]
         y = model(x * mask).float()
         loss = F.mse_loss(y, x)
+        logs = {}
         with torch.no_grad():
             hidden = 1 - mask
-            masked_mse = ((y - x) ** 2 * hidden).sum() / hidden.sum().clamp(min=1)
-        return loss, {"masked_mse": float(masked_mse)}
+            logs["masked_mse"] = float(((y - x) ** 2 * hidden).sum() / hidden.sum().clamp(min=1))
+        if getattr(self, "_invariance", 0.0) and "turn" in batch:
+            inv = invariance_loss(model.module if hasattr(model, "module") else model, x, batch["turn"])
+            logs["invariance"] = float(inv.detach())
+            loss = loss + self._invariance * inv
+        return loss, logs
 
     def initialize(self, model: nn.Module, encoder: nn.Module) -> dict[str, int]:
         """Start from another U-Net's weights (e.g. ``cellpose-encoder``): every tensor whose name and
