@@ -85,13 +85,14 @@ def encoder_gflop(size: int) -> float:
     return fc.get_total_flops() / 1e9
 
 
-def end_to_end(path: Path, out: Path, precision: str, batch_size: int | None) -> tuple[float, str]:
+def end_to_end(path: Path, out: Path, precision: str, batch_size: int | None,
+               model: str = "random-init") -> tuple[float, str]:
     """images/s of embed_source (what `microsnoop embed` runs) on an .npy -> .parquet."""
     from microsnoop.embed import Embedder, embed_source
     from microsnoop.io import open_source
 
     src = open_source(path)
-    emb = Embedder("random-init", device="cpu", precision=precision, batch_size=batch_size)
+    emb = Embedder(model, device="cpu", precision=precision, batch_size=batch_size)
     t = time.perf_counter()
     embed_source(src, out, chunk_size=1024, overwrite=True, embedder=emb, command="benchmark")
     return len(src) / (time.perf_counter() - t), emb.precision
@@ -155,6 +156,9 @@ def main() -> None:
     ap.add_argument("--precision", default="auto", help="precision of the end-to-end runs (default auto)")
     ap.add_argument("--rss-child", nargs=2, metavar=("IN", "OUT"), help=argparse.SUPPRESS)
     ap.add_argument("--skip-rss", action="store_true")
+    ap.add_argument("--model", default="random-init",
+                    help="model of the end-to-end runs, with its default head (e.g. the default model); the "
+                         "reference is always the plain fp32 U-Net forward")
     ap.add_argument("--repeats", type=int, default=2, help="alternating repeats per size; the best of each is kept")
     args = ap.parse_args()
     if args.rss_child:
@@ -186,7 +190,7 @@ def main() -> None:
                         f"{b['peak_rss_mib'] / a['peak_rss_mib']:.2f}x (target <= 1.5x)")
             print(f"  measured peak RSS", file=sys.stderr, flush=True)
         warm = write_input(work / "warm", real_images(64, 64))
-        end_to_end(warm, work / "warm.parquet", args.precision, None)  # oneDNN/first-call set-up
+        end_to_end(warm, work / "warm.parquet", args.precision, None, args.model)  # oneDNN/first-call set-up
         for size, n in counts.items():
             imgs = real_images(size, n)
             path = write_input(work / f"s{size}", imgs)
@@ -194,7 +198,7 @@ def main() -> None:
             refs, e2es = [], []
             for _ in range(args.repeats):
                 refs.append(reference_forward(imgs, 64))
-                e2e, prec = end_to_end(path, work / f"s{size}.parquet", args.precision, None)
+                e2e, prec = end_to_end(path, work / f"s{size}.parquet", args.precision, None, args.model)
                 e2es.append(e2e)
             ref, e2e = max(refs), max(e2es)
             gf = encoder_gflop(size)
