@@ -31,6 +31,9 @@ from ..base import MethodSpec, PretextMethod, load_matching, register_method
 from ..data import ImagePool, StepBatches
 
 
+CLIP_MAX = 8.0  # a single bright speck in a dim crop can sit far above the 99th percentile: keep it bounded
+
+
 def normalize_crops(x: np.ndarray) -> np.ndarray:
     """(B, 1, H, W) -> each crop mapped by its own 1st/99th percentiles (constant crops become 0)."""
     flat = x.reshape(len(x), -1)
@@ -48,6 +51,20 @@ def intensity_view(x: np.ndarray, rng: np.random.Generator, gamma: tuple[float, 
     sigma = (noise * rng.random((len(x), 1, 1, 1))).astype(np.float32)
     y = y + sigma * rng.standard_normal(x.shape).astype(np.float32)
     return normalize_crops(y)
+
+
+def sampled_transform(fn: Any, x: torch.Tensor, turns: torch.Tensor) -> torch.Tensor:
+    """``fn`` of each crop under its own dihedral transform ``turns[i] = (quarter turns, flip)``."""
+    from ...models.heads import dihedral
+
+    out = None
+    codes = turns[:, 0] * 2 + turns[:, 1]
+    for code in torch.unique(codes).tolist():
+        idx = torch.nonzero(codes == code).flatten()
+        y = fn(dihedral(x[idx], code // 2, bool(code % 2)))
+        out = y.new_zeros(len(x), y.shape[1]) if out is None else out
+        out[idx] = y
+    return out
 
 
 class DistillModel(nn.Module):
@@ -85,8 +102,12 @@ class DistillModel(nn.Module):
 
 class DistillUNet(PretextMethod):
     name = "distill-unet"
-    defaults = {"teachers": ["cellpose-encoder:levels=all", "imagenet-effnet-lite0"], "teacher_tta": "d8",
-                "teacher_dims": 256, "calibration_batches": 48, "widths": [32, 64, 128, 256],
+    # teacher_tta per teacher: "d8" = exact average of the 8 transforms (8 passes); "d8-sample" = one
+    # transform drawn independently of the student's view (1 pass): the student cannot know it, so its
+    # best prediction is the d8 average; unbiased targets at 1/8 of the cost (used for EfficientNet,
+    # whose 224-px passes dominate). Calibration always uses the exact d8 average.
+    defaults = {"teachers": ["cellpose-encoder:levels=all", "imagenet-effnet-lite0"], "teacher_tta": ["d8", "d8-sample"],
+                "teacher_dims": 256, "calibration_batches": 24, "min_signal": 0.1, "widths": [32, 64, 128, 256],
                 "input_size": 64, "batch_size": 32, "scale_range": [0.4, 1.6], "gamma": [0.7, 1.4],
                 "noise": 0.05, "sampling": "proportional", "lr": 1e-3, "encoder_lr_scale": 0.3, "warmup_steps": 100}
 
@@ -110,8 +131,15 @@ class DistillUNet(PretextMethod):
         gamma, noise = tuple(config["gamma"]), float(config["noise"])
 
         def views(imgs: torch.Tensor, rng: np.random.Generator) -> dict[str, torch.Tensor]:
-            clean = normalize_crops(imgs.numpy())
-            return {"image": torch.from_numpy(clean), "student": torch.from_numpy(intensity_view(clean, rng, gamma, noise))}
+            raw = imgs.numpy()  # normalised by the whole plane's percentiles
+            # crops of background only: per-crop normalisation would turn their noise into a full-range
+            # image, which no cell crop looks like; they get no weight in the loss
+            weight = (np.percentile(raw.reshape(len(raw), -1), 99.0, axis=1) > float(config["min_signal"]))
+            clean = np.clip(normalize_crops(raw), -1.0, CLIP_MAX)
+            student = np.clip(intensity_view(clean, rng, gamma, noise), -1.0, CLIP_MAX)
+            turns = np.stack([rng.integers(0, 4, len(raw)), rng.integers(0, 2, len(raw))], 1)
+            return {"image": torch.from_numpy(clean), "student": torch.from_numpy(student),
+                    "weight": torch.from_numpy(weight.astype(np.float32)), "turns": torch.from_numpy(turns)}
 
         args = (pool, int(config["batch_size"]), int(config["input_size"]))
         scale = tuple(config.get("scale_range", (0.4, 1.6)))
@@ -138,12 +166,20 @@ class DistillUNet(PretextMethod):
             self._teachers = out
         return self._teachers
 
-    def teacher_features(self, x: torch.Tensor, config: dict[str, Any]) -> dict[str, torch.Tensor]:
+    def teacher_features(self, x: torch.Tensor, config: dict[str, Any], turns: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """Each teacher's vector of every crop: exact d8 average, or (``d8-sample`` with ``turns``) the
+        vector of the crop under its own random transform."""
         feats = {}
+        modes = config["teacher_tta"]
         with torch.no_grad():
-            for key, mod, _ in self.teachers(config, x.device):
+            for i, (key, mod, _) in enumerate(self.teachers(config, x.device)):
                 dtype = next(mod.parameters()).dtype
-                feats[key] = tta_average(lambda t: mod(t.to(dtype)).float(), x, config["teacher_tta"])
+                mode = modes[i] if isinstance(modes, (list, tuple)) else modes
+                fn = lambda t, mod=mod, dtype=dtype: mod(t.to(dtype).contiguous(memory_format=torch.channels_last)).float()
+                if mode == "d8-sample" and turns is not None:
+                    feats[key] = sampled_transform(fn, x, turns)
+                else:
+                    feats[key] = tta_average(fn, x, "d8" if mode == "d8-sample" else mode)
         return feats
 
     def calibrate(self, model: DistillModel, config: dict[str, Any]) -> None:
@@ -152,7 +188,10 @@ class DistillUNet(PretextMethod):
         dev = next(model.parameters()).device
         chunks: dict[str, list[torch.Tensor]] = {}
         for i in range(int(config["calibration_batches"])):
-            x = self._calib[i]["image"].to(dev)
+            cal = self._calib[i]
+            x = cal["image"][cal["weight"] > 0].to(dev)
+            if not len(x):
+                continue
             for key, f in self.teacher_features(x, config).items():
                 chunks.setdefault(key, []).append(f)
         for key, parts in chunks.items():
@@ -178,17 +217,23 @@ class DistillUNet(PretextMethod):
         config = self._config
         if not bool(inner.calibrated):  # teachers run as in training (autocast); statistics in float64
             self.calibrate(inner, config)
-        feats = self.teacher_features(batch["image"], config)
+        feats = self.teacher_features(batch["image"], config, batch.get("turns"))
         pred = model(batch["student"]).float()
         k = int(config["teacher_dims"])
+        w = batch["weight"].float()
+        w = w / w.sum().clamp_min(1.0)
         losses, logs = [], {}
         for j, key in enumerate(inner.keys):
             target = inner.targets(key, feats[key])
             p = pred[:, j * k:(j + 1) * k]
-            mse = F.mse_loss(p, target) * k / target.pow(2).sum(1).mean().clamp_min(1e-6)  # relative MSE
-            cos = F.cosine_similarity(p, target, dim=1).mean()
+            # per crop, squared error relative to the targets' mean squared norm (k by construction)
+            err = (p - target).pow(2).sum(1) / k
+            mse = (err * w).sum()
             losses.append(mse)
-            logs[f"{key}_rel_mse"], logs[f"{key}_cos"] = float(mse), float(cos)
+            with torch.no_grad():
+                cos = (F.cosine_similarity(p, target, dim=1) * w).sum()
+            logs[f"{key}_rel_mse"], logs[f"{key}_cos"] = float(mse.detach()), float(cos)
+        logs["kept"] = float(batch["weight"].float().mean())
         return torch.stack(losses).mean(), logs
 
     def initialize(self, model: nn.Module, encoder: nn.Module) -> dict[str, int]:
