@@ -303,3 +303,31 @@ def test_resume_is_bit_for_bit_with_method_state(method, tiny_pool, yeast82, tmp
     assert a["step"] == b["step"] == 4
     assert a["model"].keys() == b["model"].keys()
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+
+
+def test_distill_unet_trains_resumes_and_exports(tiny_pool, tmp_path):
+    """distill-unet: teacher statistics are calibrated once and saved with the model (resume is exact,
+    no re-calibration), background crops get no weight, and the exported encoder embeds real images."""
+    from microsnoop.models import create_model
+    from microsnoop.train.loop import load_training_state, train
+
+    opts = {**TINY, "steps": 4, "precision": "fp32", "input_size": 32, "batch_size": 8, "teacher_dims": 8,
+            "calibration_batches": 3, "teachers": ["random-init:levels=all", "random-init:levels=last"],
+            "init": "cellpose-encoder"}
+    train(tiny_pool, tmp_path / "a", method="distill-unet", options=opts)
+    train(tiny_pool, tmp_path / "b", method="distill-unet", options=opts, stop_after=2)
+    train(tiny_pool, tmp_path / "b", resume=True)
+    a, b = load_training_state(tmp_path / "a" / "checkpoint.pt"), load_training_state(tmp_path / "b" / "checkpoint.pt")
+    assert bool(a["model"]["calibrated"]) and a["model"]["t0_basis"].shape == (480, 8)
+    assert a["model"]["t1_mean"].shape == (256,)
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    log = (tmp_path / "a" / "log.csv").read_text().splitlines()
+    assert log[0].split(",")[-1] == "kept" and all(0.0 <= float(r.split(",")[-1]) <= 1.0 for r in log[1:])
+    enc = create_model(str(tmp_path / "a" / "model.safetensors"))
+    assert enc.config["arch"] == "distill-unet" and enc.dim == 16
+    from microsnoop.embed.engine import Embedder
+    from microsnoop.io.images import read_image
+
+    img = read_image(sorted(tiny_pool.glob("*.tif"))[0])[None, :1, :40, :40]
+    vec = Embedder(enc, device="cpu", precision="fp32").embed(img)
+    assert vec.shape == (1, 16) and np.isfinite(vec).all()
