@@ -67,19 +67,26 @@ def sampled_transform(fn: Any, x: torch.Tensor, turns: torch.Tensor) -> torch.Te
     return out
 
 
+def teacher_dims(config: dict[str, Any]) -> list[int]:
+    """Output width per teacher: ``teacher_dims`` is one int for all, or a list (one per teacher)."""
+    dims = config["teacher_dims"]
+    n = len(config["teachers"])
+    return [int(d) for d in dims] if isinstance(dims, (list, tuple)) else [int(dims)] * n
+
+
 class DistillModel(nn.Module):
     """The student plus the teachers' target statistics (buffers: saved with every checkpoint)."""
 
     def __init__(self, config: dict[str, Any]):
         super().__init__()
-        k = int(config["teacher_dims"])
+        dims = teacher_dims(config)
         keys = [f"t{i}" for i in range(len(config["teachers"]))]
         self.student = DistilledUNetEncoder({"widths": list(config["widths"]), "levels": "all", "pool": "mean",
-                                             "teachers": {key: k for key in keys},
+                                             "teachers": dict(zip(keys, dims)),
                                              "teacher_models": list(config["teachers"]), "teacher_tta": config["teacher_tta"]})
         self.keys = keys
         self.register_buffer("calibrated", torch.zeros((), dtype=torch.bool))
-        for key in keys:  # filled at calibration (teacher widths are known only then)
+        for key, k in zip(keys, dims):  # filled at calibration (teacher widths are known only then)
             self.register_buffer(f"{key}_mean", torch.zeros(0))
             self.register_buffer(f"{key}_std", torch.zeros(0))
             self.register_buffer(f"{key}_basis", torch.zeros(0, k))
@@ -173,7 +180,7 @@ class DistillUNet(PretextMethod):
         modes = config["teacher_tta"]
         with torch.no_grad():
             for i, (key, mod, _) in enumerate(self.teachers(config, x.device)):
-                dtype = next(mod.parameters()).dtype
+                dtype = next(iter(mod.parameters()), torch.empty(0)).dtype  # handcrafted has no parameters
                 mode = modes[i] if isinstance(modes, (list, tuple)) else modes
                 fn = lambda t, mod=mod, dtype=dtype: mod(t.to(dtype).contiguous(memory_format=torch.channels_last)).float()
                 if mode == "d8-sample" and turns is not None:
@@ -184,7 +191,7 @@ class DistillUNet(PretextMethod):
 
     def calibrate(self, model: DistillModel, config: dict[str, Any]) -> None:
         """Per-teacher feature mean/std and top principal directions from seeded calibration batches."""
-        k = int(config["teacher_dims"])
+        dims = dict(zip(model.keys, teacher_dims(config)))
         dev = next(model.parameters()).device
         chunks: dict[str, list[torch.Tensor]] = {}
         for i in range(int(config["calibration_batches"])):
@@ -196,6 +203,7 @@ class DistillUNet(PretextMethod):
                 chunks.setdefault(key, []).append(f)
         for key, parts in chunks.items():
             f = torch.cat(parts).double()
+            k = dims[key]
             if min(f.shape) < k:
                 from ...errors import MicrosnoopError
 
@@ -219,13 +227,15 @@ class DistillUNet(PretextMethod):
             self.calibrate(inner, config)
         feats = self.teacher_features(batch["image"], config, batch.get("turns"))
         pred = model(batch["student"]).float()
-        k = int(config["teacher_dims"])
+        dims = teacher_dims(config)
         w = batch["weight"].float()
         w = w / w.sum().clamp_min(1.0)
         losses, logs = [], {}
-        for j, key in enumerate(inner.keys):
+        start = 0
+        for key, k in zip(inner.keys, dims):
             target = inner.targets(key, feats[key])
-            p = pred[:, j * k:(j + 1) * k]
+            p = pred[:, start:start + k]
+            start += k
             # per crop, squared error relative to the targets' mean squared norm (k by construction)
             err = (p - target).pow(2).sum(1) / k
             mse = (err * w).sum()
