@@ -101,16 +101,16 @@ def embed(
 
 @app.command()
 def models() -> None:
-    """List registered models: licence, training data, input size, sha256."""
+    """List registered models: licence, training data, input size, default head, sha256."""
     from .models import default_model_name, list_models
 
-    table = Table(title="microsnoop models")
-    for col in ("name", "trained on", "input size", "licence", "sha256"):
+    table = Table(title="microsnoop models (head options: NAME:levels=all,tta=d8 or embed --levels/--tta)")
+    for col in ("name", "trained on", "input size", "head", "licence", "sha256"):
         table.add_column(col, overflow="fold")
     default = default_model_name()
     for spec in list_models():
         name = spec.name + (" (default)" if spec.name == default else "") + ("" if spec.trained else " [untrained]")
-        table.add_row(name, spec.training_data, spec.input_size, spec.license, (spec.sha256 or "-")[:16])
+        table.add_row(name, spec.training_data, spec.input_size, spec.head, spec.license, (spec.sha256 or "-")[:16])
     Console().print(table)
 
 

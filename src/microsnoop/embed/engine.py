@@ -88,8 +88,8 @@ def cpu_has_native_bf16() -> bool:
 
 
 # architectures whose bf16 embeddings stay within cosine 0.999 of fp32 on real images
-# (tests/test_speed.py checks random-init and cellpose-encoder on real cells and fields)
-BF16_VALIDATED_ARCHS = {"unet"}
+# (tests/test_speed.py checks random-init, cellpose-encoder and the default model on real cells and fields)
+BF16_VALIDATED_ARCHS = {"unet", "distill-unet"}
 
 
 def resolve_precision(precision: str, device: torch.device, encoder: ChannelEncoder | None = None) -> str:

@@ -85,6 +85,7 @@ def build_cellpose_encoder(pretrained: bool = True) -> UNetEncoder:
 
 register_model(ModelSpec(
     name="cellpose-encoder",
+    head="levels=last,pool=mean,tta=none (256)",
     build=build_cellpose_encoder,
     description="Encoder of the Cellpose generalist segmentation network (cyto model), first conv adapted to one channel",
     license="BSD-3-Clause (Cellpose weights, redistributed by scellseg)",

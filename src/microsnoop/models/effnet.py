@@ -88,6 +88,7 @@ def build_effnet(pretrained: bool = True) -> EffNetLite0Encoder:
 
 register_model(ModelSpec(
     name="imagenet-effnet-lite0",
+    head="global mean pool,tta=none (1280)",
     build=build_effnet,
     description="ImageNet EfficientNet-Lite0 (each channel copied to RGB, resized to 224, ImageNet-normalised; "
                 "global-average-pooled 1280 features per channel)",

@@ -159,6 +159,7 @@ def build_handcrafted(pretrained: bool = True) -> HandcraftedEncoder:
 
 register_model(ModelSpec(
     name="handcrafted",
+    head="tta=none",
     build=build_handcrafted,
     description="Classical CellProfiler-style features per channel (cp_measure + scikit-image): intensity, "
                 "Otsu-object shape, radial distribution, Haralick texture, granularity, LBP",

@@ -136,6 +136,7 @@ def build_random_init(pretrained: bool = True) -> UNetEncoder:
 
 register_model(ModelSpec(
     name="random-init",
+    head="levels=last,pool=mean,tta=none (256)",
     build=build_random_init,
     description="Microsnoop residual U-Net (32-64-128-256) with seeded random weights: the floor a trained model must beat",
     license="MIT (no data)",

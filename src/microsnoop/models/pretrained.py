@@ -1,8 +1,9 @@
 """Trained Microsnoop U-Nets shipped inside the package (``models/weights/*.safetensors``, fp16).
 
 Each entry records the file's sha256 (checked on every load), licence, training data and model card.
-All were trained here by ``microsnoop train`` (mae-unet recipe) on the pretraining pool only,
-never on benchmark images; see ``models/cards/<name>.md`` for command, steps and benchmark table.
+All were trained here by ``microsnoop train`` on the pretraining pool only, never on benchmark images
+(v1 and earlier: the mae-unet recipe; v2: distill-unet); see ``models/cards/<name>.md`` for command,
+steps and benchmark table.
 """
 from __future__ import annotations
 
@@ -13,6 +14,8 @@ from .registry import ChannelEncoder, ModelSpec, build_from_checkpoint, register
 from .microsnoop_unet import WEIGHTS_DIR
 
 POOL = "microsnoop pretraining pool: 470 real one-channel images, 4 modalities, 15 sources (no benchmark images)"
+POOL_V2 = ("microsnoop pretraining pool: 1,004 real one-channel images, 4 modalities, 16 sources (no benchmark "
+           "images); teachers: Cellpose generalist encoder, ImageNet EfficientNet-Lite0")
 
 
 @dataclass(frozen=True)
@@ -22,9 +25,21 @@ class Shipped:
     description: str
     license: str
     default: bool = False
+    training_data: str = POOL
+    input_size: str = "any (>=16 px; trained on 96 px crops)"
+    head: str = "levels=last,pool=mean,tta=none (256)"
 
 
 SHIPPED = (
+    Shipped("microsnoop-unet-v2", "03177336832978401618cd7614ae90ca93b06eec017d54373122907241d88612",
+            "Microsnoop U-Net encoder (Cellpose-initialised) distilled on CPU from two frozen teachers' d8-averaged "
+            "features (Cellpose encoder, all 4 levels pooled; ImageNet EfficientNet-Lite0) with rotation/flip/intensity "
+            "changes on the student's view: rotation invariance trained in; 512 features per channel "
+            "(256 per teacher)",
+            "BSD-3-Clause (derived from Cellpose weights; EfficientNet-Lite0 teacher Apache-2.0); training images under "
+            "their sources' licences",
+            default=True, training_data=POOL_V2, input_size="any (>=16 px; trained on 64 px crops)",
+            head="levels=all,pool=mean -> 2 x 256 projections, tta=none (512)"),
     Shipped("microsnoop-unet-v1", "a2fe3a895ab47b0a59bc06cdc495b31e452f505c2fcb5aec3b5d4931158f321a",
             "Microsnoop U-Net, masked-reconstruction pretraining (mask 0.25, 96 px, 600 steps on CPU) fine-tuned "
             "from the Cellpose generalist network with a gentle encoder (LR x0.1, frozen first 100 steps, "
@@ -56,6 +71,6 @@ def _builder(entry: Shipped):
 for _entry in SHIPPED:
     register_model(ModelSpec(
         name=_entry.name, build=_builder(_entry), description=_entry.description, license=_entry.license,
-        training_data=POOL, input_size="any (>=16 px; trained on 96 px crops)", sha256=_entry.sha256,
-        trained=True, default=_entry.default, card=f"models/cards/{_entry.name}.md",
+        training_data=_entry.training_data, input_size=_entry.input_size, sha256=_entry.sha256,
+        trained=True, default=_entry.default, card=f"models/cards/{_entry.name}.md", head=_entry.head,
     ))

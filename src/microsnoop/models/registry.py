@@ -68,6 +68,7 @@ class ModelSpec:
     default: bool = False
     requires: str | None = None  # install hint when an optional dependency is missing
     card: str | None = None  # path of the model card, relative to the package
+    head: str = "tta=none"  # default embedding head (levels pooled, pooling, TTA); NAME:key=value overrides it
     extra: dict[str, Any] = field(default_factory=dict)
 
 
