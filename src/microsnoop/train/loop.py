@@ -195,7 +195,8 @@ def _resume_config(saved: dict[str, Any], options: dict[str, Any] | None) -> dic
     return config
 
 
-def _prepare_model(m: Any, config: dict[str, Any], dev: torch.device, sync_bn: bool, resume: bool) -> tuple[torch.nn.Module, Any]:
+def _prepare_model(m: Any, config: dict[str, Any], dev: torch.device, sync_bn: bool,
+                   resume: bool) -> tuple[torch.nn.Module, Any]:
     """Build the method's model with the run's seed, ``--init`` weights, train mode and (maybe) SyncBatchNorm."""
     from ..models.registry import create_model
 
