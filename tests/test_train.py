@@ -167,3 +167,72 @@ def test_smooth_is_trailing_mean_and_plot_needs_a_log(tmp_path):
     with pytest.raises(MicrosnoopError, match="no training log"):
         plot_training_logs([("x", tmp_path / "missing")], tmp_path / "f.png")
     assert not (tmp_path / "f.png").exists()
+
+
+TINY = {**SMALL, "input_size": 32, "widths": [8, 16, 16, 16], "precision": "fp32"}
+
+
+def test_interrupted_run_resumes_with_each_step_logged_once(tiny_pool, tmp_path):
+    """Interrupted after step 4 was logged but with the last checkpoint at step 3: the resumed run
+    drops the rows past the checkpoint (it used to write the resume step twice) and ends as an
+    uninterrupted run does."""
+    from microsnoop.train.loop import train
+
+    opts = {**TINY, "steps": 6, "checkpoint_every": 3}
+    train(tiny_pool, tmp_path / "a", options=opts)
+
+    def interrupt(step, total, logs):
+        if step == 5:  # step index 4 is in log.csv, checkpoint.pt holds step 3
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train(tiny_pool, tmp_path / "b", options=opts, progress=interrupt)
+    assert list(pd.read_csv(tmp_path / "b" / "log.csv")["step"]) == [0, 1, 2, 3, 4]
+    assert torch.load(tmp_path / "b" / "checkpoint.pt", weights_only=True)["step"] == 3
+    train(tiny_pool, tmp_path / "b", resume=True)
+    la, lb = pd.read_csv(tmp_path / "a" / "log.csv"), pd.read_csv(tmp_path / "b" / "log.csv")
+    assert list(lb["step"]) == list(range(6))
+    assert np.array_equal(la["loss"].values, lb["loss"].values)
+    a = torch.load(tmp_path / "a" / "checkpoint.pt", weights_only=True)["model"]
+    b = torch.load(tmp_path / "b" / "checkpoint.pt", weights_only=True)["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_npy_files_in_a_training_folder_are_left_out_not_fatal(tiny_pool, tmp_path, cli):
+    """A folder of images that also holds .npy arrays (here an embedding matrix and an (N, C, H, W)
+    stack) trains on the images; the arrays are named in a warning and in config.json."""
+    import json
+    import shutil
+
+    from microsnoop.train.data import ImagePool
+
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for p in tiny_pool.glob("*.tif"):
+        shutil.copy(p, folder / p.name)
+    plain = ImagePool(folder)
+    np.save(folder / "embeddings.npy", np.random.default_rng(0).random((10, 5)))
+    np.save(folder / "stack.npy", np.zeros((2, 1, 40, 40), np.uint16))
+    with pytest.warns(UserWarning, match=r"left out 2 \.npy file\(s\) \(embeddings\.npy, stack\.npy\)"):
+        pool = ImagePool(folder)
+    assert len(pool) == len(plain) and pool.skipped == ["embeddings.npy", "stack.npy"]
+    with pytest.warns(UserWarning, match=r"left out 2 \.npy"):  # the CLI prints it as one 'warning:' line
+        code, _, err = cli("train", "--data", folder, "-o", tmp_path / "run", "--steps", "1", "--batch-size", "2",
+                           "--input-size", "32", "--workers", "0", "--set", "widths=[8,16,16,16]")
+    assert code == 0, err
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["skipped_files"] == ["embeddings.npy", "stack.npy"]
+
+
+def test_npy_listed_in_a_manifest_is_read_or_refused_in_one_line(tiny_pool, tmp_path):
+    from microsnoop.errors import MicrosnoopError
+    from microsnoop.io.images import read_image
+    from microsnoop.train.data import ImagePool
+
+    first = sorted(tiny_pool.glob("*.tif"))[0]
+    np.save(tmp_path / "plane.npy", read_image(first)[0])  # (H, W): an image stored as an array
+    pd.DataFrame({"path": ["plane.npy"]}).to_csv(tmp_path / "manifest.csv", index=False)
+    pool = ImagePool(tmp_path / "manifest.csv")
+    assert len(pool) == 1 and np.array_equal(pool.planes[0], read_image(first)[0])
+    np.save(tmp_path / "plane.npy", np.zeros((2, 1, 40, 40), np.float32))
+    with pytest.raises(MicrosnoopError, match=r"plane\.npy: a \.npy training image must be a numeric \(H, W\) or"):
+        ImagePool(tmp_path / "manifest.csv")

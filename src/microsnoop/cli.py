@@ -333,7 +333,8 @@ def train(
     checkpoint_every: Optional[int] = typer.Option(None, "--checkpoint-every"),
     workers: Optional[int] = typer.Option(None, "--workers", help="Data-loading processes."),
     holdout: Optional[int] = typer.Option(None, "--holdout", help="Images per modality kept out of training."),
-    device: str = typer.Option("cpu", "--device"),
+    device: str = typer.Option("cpu", "--device", help="cpu | cuda | cuda:N | auto. Under torchrun, cuda = cuda:LOCAL_RANK "
+                               "for each rank (NCCL); cpu ranks use gloo."),
     set_: Optional[List[str]] = typer.Option(None, "--set", help="Method config KEY=VALUE (JSON value), repeatable, e.g. --set encoder_lr_scale=0.1."),
 ) -> None:
     """Self-supervised pretraining (default: the paper's masked U-Net recipe)."""
@@ -346,8 +347,12 @@ def train(
                 checkpoint_every=checkpoint_every, workers=workers, holdout=holdout, init=init,
                 label_column=label, layer=layer)
     opts.update(parse_overrides(set_ or []))
+    from .distributed import env_dist
+
+    main_rank = env_dist().main  # under torchrun only rank 0 shows progress and the summary
     prog = Progress(TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
-                    TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(), console=console)
+                    TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(), console=console,
+                    disable=not main_rank)
     task = prog.add_task("train", total=None, info="")
 
     def advance(step: int, total: int, logs: dict) -> None:
@@ -356,8 +361,10 @@ def train(
 
     with prog:
         res = run_train(data, output, method=method, resume=resume, device=device, options=opts, progress=advance)
-    console.print(f"{res['steps']} steps, {res['images_seen']} images, {res['wall_s']:.0f} s, final loss "
-                  f"{res['final_loss']:.4f}; encoder in {res['model']}")
+    if main_rank:
+        ranks = f" on {res['world_size']} ranks" if res["world_size"] > 1 else ""
+        console.print(f"{res['steps']} steps{ranks}, {res['images_seen']} images, {res['wall_s']:.0f} s, final loss "
+                      f"{res['final_loss']:.4f}; encoder in {res['model']}")
 
 
 

@@ -1,4 +1,4 @@
-"""Scale-out under torchrun: which chunks this rank embeds, barriers, and the progress journal.
+"""Scale-out of ``embed`` under torchrun: which chunks this rank embeds, and the progress journal.
 
 ``torchrun --nproc_per_node=N -m microsnoop embed IN -o OUT`` starts N copies of the CLI with
 RANK/WORLD_SIZE/LOCAL_RANK/MASTER_ADDR set. Each rank embeds chunks ``k`` with ``k % world == rank``
@@ -7,68 +7,18 @@ shard file ``OUT.partial/chunk_NNNNNN.npy`` atomically and appends a line to its
 ``OUT.partial/journal.rankR.jsonl``. Rank 0 waits for all ranks, then merges the shards in input
 order into OUT. A killed run restarted with ``--resume`` (any number of ranks) skips every chunk
 whose shard and journal line exist. Multi-node runs need ``OUT`` on a filesystem all nodes share.
-The process group only carries barriers: gloo on CPU, NCCL when the ranks use GPUs.
+The process group only carries barriers: gloo on CPU, NCCL when the ranks use GPUs. Joining it is
+``microsnoop.distributed`` (shared with ``train``), re-exported here for existing imports.
 """
 from __future__ import annotations
 
-import datetime
 import json
 import os
-from dataclasses import dataclass
 from pathlib import Path
 
-import torch
+from ..distributed import Dist, barrier, env_dist, finish, init  # noqa: F401  re-exported (embed.run uses them)
 
 JOURNAL_GLOB = "journal.rank*.jsonl"
-
-
-@dataclass(frozen=True)
-class Dist:
-    rank: int = 0
-    world: int = 1
-    local_rank: int = 0
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-    def owns(self, chunk: int) -> bool:
-        return chunk % self.world == self.rank
-
-
-def env_dist() -> Dist:
-    """Rank and world size from torchrun's environment (1 process when absent)."""
-    world = int(os.environ.get("WORLD_SIZE", "1") or 1)
-    if world <= 1:
-        return Dist()
-    return Dist(int(os.environ.get("RANK", "0")), world, int(os.environ.get("LOCAL_RANK", "0")))
-
-
-def init(device: torch.device | None = None, timeout_h: float = 24.0) -> Dist:
-    """Join the process group torchrun set up (no-op for one process). gloo on CPU, NCCL on CUDA.
-
-    The timeout is long because a barrier waits for the slowest rank's whole share of the work."""
-    d = env_dist()
-    if d.world == 1 or not torch.distributed.is_available():
-        return Dist()
-    if not torch.distributed.is_initialized():
-        cuda = device is not None and device.type == "cuda"
-        if cuda:
-            torch.cuda.set_device(device)
-        torch.distributed.init_process_group("nccl" if cuda else "gloo",
-                                             timeout=datetime.timedelta(hours=timeout_h))
-    return Dist(torch.distributed.get_rank(), torch.distributed.get_world_size(), d.local_rank)
-
-
-def barrier(d: Dist) -> None:
-    if d.world > 1 and torch.distributed.is_initialized():
-        torch.distributed.barrier()
-
-
-def finish(d: Dist) -> None:
-    """Leave the process group we joined (torchrun expects a clean exit)."""
-    if d.world > 1 and torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
 
 
 def journal_path(work: Path, d: Dist) -> Path:

@@ -11,6 +11,7 @@ interrupted. ``--resume`` therefore sees exactly the batches the uninterrupted r
 from __future__ import annotations
 
 import hashlib
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Sequence
@@ -22,6 +23,8 @@ import torch.nn.functional as F
 from ..errors import MicrosnoopError
 
 IMAGE_SUFFIXES = (".tif", ".tiff", ".png", ".jpg", ".jpeg", ".bmp", ".npy")
+FOLDER_SKIP_SUFFIXES = (".npy",)  # scanned, but not read as images from a folder (see _manifest_rows)
+FOLDER_SUFFIXES = tuple(x for x in IMAGE_SUFFIXES if x not in FOLDER_SKIP_SUFFIXES)
 
 
 @dataclass
@@ -31,8 +34,9 @@ class PoolEntry:
     channel: int
 
 
-def _manifest_rows(data_path: Path) -> tuple[list[tuple[str, str]], Path, bytes]:
-    """(relative path, modality) rows plus the folder they are relative to and the bytes hashed."""
+def _manifest_rows(data_path: Path) -> tuple[list[tuple[str, str]], Path, bytes, list[str]]:
+    """(relative path, modality) rows, the folder they are relative to, the bytes hashed, and the
+    files of a folder that were left out (``.npy`` arrays)."""
     import pandas as pd
 
     manifest = data_path / "manifest.csv" if data_path.is_dir() else data_path
@@ -41,15 +45,43 @@ def _manifest_rows(data_path: Path) -> tuple[list[tuple[str, str]], Path, bytes]
         if "path" not in df.columns:
             raise MicrosnoopError("manifest has no 'path' column", manifest)
         mods = df["modality"].astype(str) if "modality" in df.columns else ["all"] * len(df)
-        return list(zip(df["path"].astype(str), mods)), manifest.parent, manifest.read_bytes()
+        return list(zip(df["path"].astype(str), mods)), manifest.parent, manifest.read_bytes(), []
     if not data_path.is_dir():
         raise MicrosnoopError("training data must be a folder of images or a manifest.csv", data_path)
-    files = sorted(p for p in data_path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+    found = sorted(p for p in data_path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+    # a folder's .npy files are usually not images (embeddings, an (N, C, H, W) stack, caches): they
+    # are left out, said so, and listed in config.json; a manifest may list (H, W) / (C, H, W) arrays
+    files = [p for p in found if p.suffix.lower() not in FOLDER_SKIP_SUFFIXES]
+    skipped = [str(p.relative_to(data_path)) for p in found if p.suffix.lower() in FOLDER_SKIP_SUFFIXES]
     if not files:
-        raise MicrosnoopError("no images found (looked for " + ", ".join(IMAGE_SUFFIXES) + ")", data_path)
+        hint = f" ({len(skipped)} .npy file(s) are not read from a folder: list them in a manifest.csv)" if skipped else ""
+        raise MicrosnoopError("no images found (looked for " + ", ".join(FOLDER_SUFFIXES) + ")" + hint, data_path)
+    if skipped:
+        warnings.warn(f"{data_path}: left out {len(skipped)} .npy file(s) ({', '.join(skipped[:3])}"
+                      f"{', ...' if len(skipped) > 3 else ''}): arrays in a folder are not read as training images "
+                      "(list them in a manifest.csv to use them)", stacklevel=3)
     rows = [(str(p.relative_to(data_path)), "all") for p in files]
     listing = "\n".join(f"{r}\t{p.stat().st_size}" for (r, _), p in zip(rows, files)).encode()
-    return rows, data_path, listing
+    return rows, data_path, listing, skipped
+
+
+def read_training_image(path: Path) -> np.ndarray:
+    """One training image as (C, H, W): image files through ``io.images.read_image``; a ``.npy``
+    (listed in a manifest) must hold an (H, W) or (C, H, W) array."""
+    from ..io.images import read_image
+
+    if path.suffix.lower() != ".npy":
+        return read_image(path)
+    if not path.exists():
+        raise MicrosnoopError("file not found", path)
+    try:
+        arr = np.load(path, mmap_mode="r", allow_pickle=False)
+    except (ValueError, OSError) as exc:
+        raise MicrosnoopError(f"cannot read .npy ({type(exc).__name__}: {exc})", path) from None
+    if arr.ndim not in (2, 3) or arr.dtype.kind not in "uif" or min(arr.shape[-2:]) < 2:
+        raise MicrosnoopError(f"a .npy training image must be a numeric (H, W) or (C, H, W) array, "
+                              f"got {arr.dtype} {tuple(arr.shape)}", path)
+    return np.asarray(arr)[None] if arr.ndim == 2 else np.asarray(arr)
 
 
 class ImagePool:
@@ -57,12 +89,10 @@ class ImagePool:
 
     def __init__(self, data_path: str | Path, holdout_per_modality: int = 0, seed: int = 0,
                  limit: int | None = None):
-        from ..io.images import read_image
-
         data_path = Path(data_path)
         if not data_path.exists():
             raise MicrosnoopError("training data not found", data_path)
-        rows, root, hashed = _manifest_rows(data_path)
+        rows, root, hashed, self.skipped = _manifest_rows(data_path)
         self.manifest_sha256 = hashlib.sha256(hashed).hexdigest()
         self.holdout = _pick_holdout(rows, holdout_per_modality, seed)
         rows = [r for r in rows if r[0] not in self.holdout]
@@ -73,7 +103,7 @@ class ImagePool:
         self.planes: list[np.ndarray] = []
         self.ranges: list[tuple[float, float]] = []
         for rel, modality in rows:
-            img = read_image(root / rel)
+            img = read_training_image(root / rel)
             for c in range(img.shape[0]):
                 plane = np.ascontiguousarray(img[c])
                 lo, hi = np.percentile(plane, [1.0, 99.0])
