@@ -286,12 +286,12 @@ def test_refresh_writes_docs_page_with_every_given_model(bbbc021_small, tmp_path
     monkeypatch.setitem(sys.modules, "efficientnet_lite_pytorch", None)  # a registered model whose package is missing
     docs = tmp_path / "docs" / "benchmarks.md"
     assert refresh.main(["--data", str(data), "--model", "handcrafted", "--model", "imagenet-effnet-lite0",
-                         "--model", "microsnoop-unet-v1", "--report-dir", str(tmp_path / "rep"), "--docs", str(docs),
+                         "--model", "microsnoop-unet-v2", "--report-dir", str(tmp_path / "rep"), "--docs", str(docs),
                          "--plot", "none"]) == 0
     text = docs.read_text()
     assert "## bbbc021_small" in text and "| handcrafted |" in text
     head_to_head = text.split("## Default model against the others", 1)[1].split("\n## ", 1)[0]
-    assert "| microsnoop-unet-v1 minus | bbbc021_small |" in head_to_head
+    assert "| microsnoop-unet-v2 minus | bbbc021_small |" in head_to_head
     assert "| handcrafted | " in head_to_head and "/ 1 |" in head_to_head
     assert "imagenet-effnet-lite0" in text and "microsnoop[baselines]" in text  # listed as not run, with the hint
     assert "python -m microsnoop.evaluate.refresh" in text
