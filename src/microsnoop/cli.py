@@ -29,6 +29,25 @@ def _split(value: Optional[str]) -> Optional[list[str]]:
     return [v.strip() for v in value.split(",") if v.strip()] if value else None
 
 
+def _int_list(value: Optional[str], option: str) -> list[int]:
+    """'0,1' -> [0, 1]; anything else is a one-line error naming the option."""
+    out = []
+    for v in _split(value) or []:
+        try:
+            out.append(int(v))
+        except ValueError:
+            raise MicrosnoopError(f"{option} expects plane numbers separated by commas (e.g. 0,1), got '{value}'") from None
+        if out[-1] < 0:
+            raise MicrosnoopError(f"{option} expects plane numbers counted from 0, got '{value}'")
+    return out
+
+
+def _check_out(path: Path, kind: str = "file") -> None:
+    from .io.atomic import check_output_path
+
+    check_output_path(path, kind)
+
+
 def command_line() -> str:
     return "microsnoop " + " ".join(shlex.quote(a) for a in sys.argv[1:])
 
@@ -49,7 +68,15 @@ def progress_bar(total: int, label: str):
 
 
 @app.callback()
-def _main(verbose: bool = typer.Option(False, "--verbose", "-v", help="Log details (device choice, timings).")) -> None:
+def _main(verbose: bool = typer.Option(False, "--verbose", "-v", help="Log details (device choice, timings)."),
+          max_pixels: Optional[str] = typer.Option(None, "--max-pixels", help="Refuse images with more pixels than this "
+                                                   "(default 200000000; also $MICROSNOOP_MAX_PIXELS), checked from the "
+                                                   "file header before decoding.")) -> None:
+    if max_pixels is not None:
+        from .io.images import MAX_PIXELS_ENV, max_pixels as check
+
+        os.environ[MAX_PIXELS_ENV] = max_pixels
+        check()  # a bad value fails now, naming the option
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(message)s")
     log.setLevel(logging.INFO)
     # our own warnings (e.g. "model is untrained") as one plain line, not a source listing
@@ -79,8 +106,12 @@ def embed(
     from .embed import Embedder, embed_source
     from .io import open_source
 
+    from .io.writers import format_for
+
+    format_for(output, fmt)
+    _check_out(output)
     src = open_source(input, channels=_split(channels), channel_names=_split(channel_names),
-                      path_columns=_split(path_columns), channel_index=[int(i) for i in _split(channel_index) or []],
+                      path_columns=_split(path_columns), channel_index=_int_list(channel_index, "--channel-index"),
                       metadata=metadata)
     emb = Embedder(model, device=device, precision=precision, batch_size=batch_size, threads=threads)
     log.info("model %s (sha256 %s), device %s, precision %s", emb.encoder.name, emb.encoder.sha256[:12], emb.device, emb.precision)
@@ -121,7 +152,7 @@ def inspect(
     from .io.inspect import inspect_source
 
     report = inspect_source(input, channels=_split(channels), path_columns=_split(path_columns),
-                            channel_index=[int(i) for i in _split(channel_index) or []], group_by=_split(group_by))
+                            channel_index=_int_list(channel_index, "--channel-index"), group_by=_split(group_by))
     out = Console()
     out.print(report.summary())
     if report.problems:
@@ -165,6 +196,10 @@ def profile(
     """Aggregate, normalise against negative controls, sphere and aggregate per treatment."""
     from .profiling.pipeline import ProfileSettings, run_profile
 
+    if normalize is not None and normalize not in ("standardize", "mad_robustize"):
+        raise MicrosnoopError(f"--normalize must be standardize or mad_robustize, not '{normalize}'")
+    if method not in ("mean", "median"):
+        raise MicrosnoopError(f"--method must be mean or median, not '{method}'")
     s = ProfileSettings(controls=controls, aggregate=_split(aggregate), aggregate_method=method, normalize=normalize,
                         sphere=sphere, sphere_by=None if sphere_by == "global" else _split(sphere_by),
                         treatment=_split(treatment))
@@ -207,7 +242,23 @@ def plate(
 ) -> None:
     """A plate end to end: segment -> crop -> embed -> fields -> wells -> normalise/sphere -> report."""
     from .pipelines.plate import PlateSettings, run_plate
+    from .profiling.query import check_query
 
+    _check_out(output, "folder")
+    if not manifest.is_file():
+        raise MicrosnoopError("manifest not found" if not manifest.exists() else "manifest must be a CSV file", manifest)
+    columns = list(read_csv_columns(manifest))
+    check_query(controls, columns, "--controls")
+    if positive:
+        check_query(positive, columns, "--positive")
+    # options used only after every field is embedded: check them now, not after an hour of work
+    if normalize is not None and normalize not in ("standardize", "mad_robustize"):
+        raise MicrosnoopError(f"--normalize must be standardize or mad_robustize, not '{normalize}'")
+    if fmt not in ("parquet", "h5", "h5ad"):
+        raise MicrosnoopError(f"--format must be parquet, h5 or h5ad, not '{fmt}'")
+    missing = [c for c in _split(treatment) or [] if c not in columns]
+    if missing:
+        raise MicrosnoopError(f"--treatment column(s) {', '.join(missing)} not in the manifest", manifest)
     s = PlateSettings(channels=_split(channels), segment_channel=segment_channel, segmenter=segmenter, diameter=diameter,
                       mode=mode, rescale_constant=rescale_constant, crop_size=crop_size, max_cells=max_cells,
                       model=model, batch_size=batch_size, device=device, precision=precision, controls=controls,
@@ -243,6 +294,7 @@ def segment(
     from .io.readers import open_source
     from .pipelines.fields import segment_to_folder
 
+    _check_out(output, "folder")
     configure_threads(threads)
     src = input / "images.npy" if input.is_dir() and (input / "images.npy").exists() else input
     n = len(open_source(src)) if src.exists() else 0
@@ -341,6 +393,7 @@ def train(
                 checkpoint_every=checkpoint_every, workers=workers, holdout=holdout, init=init,
                 label_column=label, layer=layer)
     opts.update(parse_overrides(set_ or []))
+    _check_out(output, "folder")
     prog = Progress(TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
                     TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(), console=console)
     task = prog.add_task("train", total=None, info="")
@@ -375,11 +428,30 @@ def reconstruct(
     console.print(f"wrote {res['output']} (masked-pixel MSE: {', '.join(f'{v:.4f}' for v in res['masked_mse'])})")
 
 
+def read_csv_columns(path: Path) -> list[str]:
+    """A CSV's header (to check option values against it before any work)."""
+    from .io.readers import read_csv
+
+    return [str(c) for c in read_csv(path).columns]
+
+
+def _one_line(exc: BaseException) -> str:
+    """An operating-system error as ``PATH: reason`` (read-only folders, full disks, paths that are files)."""
+    if isinstance(exc, OSError):
+        path = exc.filename if exc.filename is not None else ""
+        reason = exc.strerror or str(exc)
+        return f"{path}: {reason}" if path else reason
+    return str(exc)
+
+
 def main() -> None:
     try:
         app()
     except MicrosnoopError as exc:
         console.print(f"[red]error:[/red] {exc}", markup=True, highlight=False, soft_wrap=True)
+        sys.exit(2)
+    except OSError as exc:  # the file system refused: still one line naming the file, never a traceback
+        console.print(f"[red]error:[/red] {_one_line(exc)}", markup=True, highlight=False, soft_wrap=True)
         sys.exit(2)
 
 

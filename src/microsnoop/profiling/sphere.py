@@ -77,7 +77,12 @@ def fit_sphering(x_ctrl: np.ndarray, epsilon: float | str = "knee") -> Sphering:
     std = x.std(axis=0)
     std = np.where(std > 0, std, 1.0)  # a constant feature is only centred (its correlation row is 0)
     z = (x - mean) / std
-    _, s, vt = np.linalg.svd(z, full_matrices=False)
+    if not np.isfinite(z).all():
+        raise MicrosnoopError("control profiles have NaN or inf features; sphering needs finite values")
+    try:
+        _, s, vt = np.linalg.svd(z, full_matrices=False)
+    except np.linalg.LinAlgError as exc:
+        raise MicrosnoopError(f"sphering failed on the control profiles ({exc}); check them for extreme values") from None
     lam = s ** 2 / (n - 1)
     knee = None
     if epsilon == "knee":
