@@ -153,11 +153,13 @@ def inspect(
 
     report = inspect_source(input, channels=_split(channels), path_columns=_split(path_columns),
                             channel_index=_int_list(channel_index, "--channel-index"), group_by=_split(group_by))
+    from rich.markup import escape
+
     out = Console()
-    out.print(report.summary())
+    out.print(report.summary(), markup=False, highlight=False, soft_wrap=True)
     if report.problems:
-        for p in report.problems[:50]:
-            out.print(f"[red]problem:[/red] {p}")
+        for p in report.problems[:50]:  # one line each, whatever the terminal width
+            out.print(f"[red]problem:[/red] {escape(p)}", highlight=False, soft_wrap=True)
         raise typer.Exit(2)
 
 
@@ -295,6 +297,8 @@ def segment(
     from .pipelines.fields import segment_to_folder
 
     _check_out(output, "folder")
+    if diameter is not None and diameter <= 0:
+        raise MicrosnoopError("--diameter must be positive")
     configure_threads(threads)
     src = input / "images.npy" if input.is_dir() and (input / "images.npy").exists() else input
     n = len(open_source(src)) if src.exists() else 0
@@ -448,11 +452,19 @@ def main() -> None:
     try:
         app()
     except MicrosnoopError as exc:
-        console.print(f"[red]error:[/red] {exc}", markup=True, highlight=False, soft_wrap=True)
+        _print_error(str(exc))
         sys.exit(2)
     except OSError as exc:  # the file system refused: still one line naming the file, never a traceback
-        console.print(f"[red]error:[/red] {_one_line(exc)}", markup=True, highlight=False, soft_wrap=True)
+        _print_error(_one_line(exc))
         sys.exit(2)
+
+
+def _print_error(message: str) -> None:
+    from rich.markup import escape
+
+    # one line: newlines inside a decoder's message would break it, and [..] must not be read as markup
+    line = " ".join(message.split("\n"))
+    console.print(f"[red]error:[/red] {escape(line)}", highlight=False, soft_wrap=True)
 
 
 if __name__ == "__main__":

@@ -121,7 +121,7 @@ def default_threads() -> int:
 def configure_threads(threads: int | None = None) -> int:
     """Set torch's intra-op threads to the CPUs we may use (oversubscribing a 2-core laptop, or
     N torchrun ranks each taking every core, costs more than it gains)."""
-    n = int(threads) if threads else default_threads()
+    n = default_threads() if threads is None else int(threads)
     if n < 1:
         raise MicrosnoopError("--threads must be at least 1")
     if torch.get_num_threads() != n:
@@ -155,10 +155,10 @@ def check_size(h: int, w: int, min_size: int, name: str) -> bool:
     return h < min_size or w < min_size
 
 
-def warn_padded(padded: list[tuple[str, tuple]], min_size: int) -> None:
+def warn_padded(padded: list[tuple[str, tuple]], min_size: int, count: int | None = None) -> None:
     if padded:
         first, shape = padded[0]
-        warnings.warn(f"{len(padded)} image(s) smaller than the model's {min_size} px minimum were zero-padded "
+        warnings.warn(f"{count or len(padded)} image(s) smaller than the model's {min_size} px minimum were zero-padded "
                       f"(first: {first}, {shape[0]}x{shape[1]} px)", MicrosnoopWarning, stacklevel=3)
 
 
@@ -246,7 +246,7 @@ class Embedder:
             if 0 in images.shape:
                 raise MicrosnoopError(f"empty image of shape {images.shape[1:]}", name(offset))
             if n and check_size(*images.shape[2:], min_size, name(offset)):
-                warn_padded([(name(offset), images.shape[2:])], min_size)
+                warn_padded([(name(offset), images.shape[2:])], min_size, count=n)
             return Prepared(n, c, [(np.arange(n), normalize_percentile(images))])
         images = list(images)
         n = len(images)

@@ -92,13 +92,13 @@ def _decode_other(data: bytes, path: Path) -> np.ndarray:
     import imageio.v3 as iio
     from PIL import Image
 
-    with Image.open(io.BytesIO(data)) as im:  # reads the header only
-        w, h = im.size
-        bands = len(im.getbands())
-    check_pixel_count((bands, h, w), path)
     old = Image.MAX_IMAGE_PIXELS
-    Image.MAX_IMAGE_PIXELS = None  # our own limit was checked above
+    Image.MAX_IMAGE_PIXELS = None  # our own, configurable limit applies instead of Pillow's
     try:
+        with Image.open(io.BytesIO(data)) as im:  # reads the header only
+            w, h = im.size
+            bands = len(im.getbands())
+        check_pixel_count((bands, h, w), path)
         return iio.imread(data, extension=path.suffix.lower())
     finally:
         Image.MAX_IMAGE_PIXELS = old

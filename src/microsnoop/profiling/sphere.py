@@ -115,8 +115,10 @@ def sphere(df: pd.DataFrame, controls: str | None, by: Sequence[str] | None = No
     fits = []
     for rows in groups_of(df, by):
         c = rows[ctrl[rows]]
-        if len(c) == 0:
-            raise MicrosnoopError(f"a batch has no rows matching the controls {controls!r}")
+        where = ", ".join(f"{c_}={df[c_].iloc[rows[0]]}" for c_ in by) if by else "all rows"
+        if len(c) < 2:
+            raise MicrosnoopError(f"a batch ({where}) has {len(c)} row(s) matching the controls {controls!r}; "
+                                  f"sphering needs at least 2 (see --controls / --sphere-by)")
         sph = fit_sphering(x[c], epsilon)
         out[rows] = sph.transform(x[rows])
         rec = {"n_controls": sph.n_controls, "epsilon": sph.epsilon, "knee_index": sph.knee_index,
