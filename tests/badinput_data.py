@@ -17,12 +17,12 @@ import pandas as pd
 @dataclass
 class Inputs:
     root: Path
-    arr: Path          # images.npy (8, 2, 64, 64) uint16 yeast cells + metadata.csv + dataset.json
-    folder: Path       # f{i}_w1.tif / f{i}_w2.tif, 64x64 uint8 crops of plate fields
+    arr: Path          # images.npy (8, 2, 32, 32) yeast cells (centre crops) + metadata.csv + dataset.json
+    folder: Path       # f{i}_w1.tif / f{i}_w2.tif, 32x32 uint8 crops of plate fields
     manifest: Path     # LoadData CSV of the folder's crops (FileName_GFP, FileName_DNA, Metadata_*)
     plate: Path        # LoadData CSV of 4 full plate fields (absolute paths into ../shared)
-    png: Path          # a folder of 64x64 grey PNG crops
-    profiles: Path     # parquet: 16 wells x 2 plates... real random-init embeddings of yeast cells
+    png: Path          # a folder of 32x32 grey PNG crops
+    profiles: Path     # parquet: 2 plates x 8 wells, real random-init embeddings of 16 yeast cells
     profiles_h5: Path  # the same profiles as .h5
     pool: Path         # training pool: 4 real images (folder) + manifest.csv
 
@@ -39,7 +39,7 @@ def build_inputs(shared: Path, root: Path) -> Inputs:
     arr_dir = root / "arr"
     arr_dir.mkdir()
     cells = np.load(yeast / "images.npy", mmap_mode="r")[:16]
-    np.save(arr_dir / "images.npy", np.ascontiguousarray(cells[:8]))
+    np.save(arr_dir / "images.npy", np.ascontiguousarray(cells[:8, :, 16:48, 16:48]))  # small: embedding is the cost
     pd.read_csv(yeast / "metadata.csv").iloc[:8].to_csv(arr_dir / "metadata.csv", index=False)
     shutil.copy(yeast / "dataset.json", arr_dir / "dataset.json")
 
@@ -49,8 +49,8 @@ def build_inputs(shared: Path, root: Path) -> Inputs:
     folder.mkdir()
     rows = []
     for i, r in man.iloc[[0, 1, 40, 90]].reset_index(drop=True).iterrows():
-        gfp = tifffile.imread(plate_dir / r["FileName_GFP"])[288:352, 288:352]
-        dna = tifffile.imread(plate_dir / r["FileName_DNA"])[288:352, 288:352]
+        gfp = tifffile.imread(plate_dir / r["FileName_GFP"])[304:336, 304:336]
+        dna = tifffile.imread(plate_dir / r["FileName_DNA"])[304:336, 304:336]
         tifffile.imwrite(folder / f"f{i}_w1.tif", gfp, compression="zlib")
         tifffile.imwrite(folder / f"f{i}_w2.tif", dna, compression="zlib")
         rows.append({"Metadata_Plate": r["Metadata_Plate"], "Metadata_Well": r["Metadata_Well"],

@@ -7,6 +7,7 @@ pixels, Z-stacks or time series (which would otherwise silently become channels)
 from __future__ import annotations
 
 import io
+import logging
 import os
 import warnings
 from pathlib import Path
@@ -20,6 +21,8 @@ IMAGE_SUFFIXES = TIFF_SUFFIXES | {".png", ".jpg", ".jpeg", ".bmp"}
 DEFAULT_MAX_PIXELS = 200_000_000  # per image (all planes): ~400 MB as uint16, ~800 MB as float32
 MAX_PIXELS_ENV = "MICROSNOOP_MAX_PIXELS"
 MAX_ABS_PIXEL = 1e30  # float pixels beyond this overflow float32 inside the encoder (NaN vectors)
+# tifffile logs every malformed tag it skips; the user gets our one-line error (or the image) instead
+logging.getLogger("tifffile").setLevel(logging.CRITICAL)
 MIN_SIDE = 4  # an image narrower than this carries no morphology (a 1x1 or 100000x1 "image" is a mistake)
 
 
