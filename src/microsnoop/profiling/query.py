@@ -15,7 +15,9 @@ not Python identifiers may be written in backticks, as in pandas.
 from __future__ import annotations
 
 import ast
+import io
 import re
+import tokenize
 from typing import Any, Sequence
 
 import numpy as np
@@ -48,7 +50,7 @@ class _Query:
             return key
 
         try:
-            return ast.parse(_BACKTICK.sub(sub, text).strip(), mode="eval")
+            return ast.parse(_pandas_precedence(_BACKTICK.sub(sub, text).strip()), mode="eval")
         except SyntaxError as exc:
             raise self.fail(f"not a valid expression ({exc.msg})") from None
 
@@ -116,6 +118,19 @@ class _Query:
                 raise self.fail(f"operator '{type(op).__name__}' is not allowed")
             left = right
         return result
+
+
+def _pandas_precedence(text: str) -> str:
+    """In pandas queries ``&``, ``|`` and ``~`` bind like ``and``, ``or`` and ``not`` (so ``a == 1 | b > 2``
+    means ``(a == 1) or (b > 2)``); Python binds them tighter than comparisons. Rewrite the tokens."""
+    swap = {"&": "and", "|": "or", "~": "not"}
+    try:
+        toks = list(tokenize.generate_tokens(io.StringIO(text).readline))
+    except (tokenize.TokenError, SyntaxError, IndentationError):
+        return text  # ast.parse reports the problem
+    out = [(tokenize.NAME, swap[t.string]) if t.type == tokenize.OP and t.string in swap else (t.type, t.string)
+           for t in toks]
+    return tokenize.untokenize(out)
 
 
 def _strip_strings(text: str) -> str:
