@@ -546,3 +546,11 @@ def test_checkpoint_without_digest_warns(tmp_path):
               metadata={"config": json.dumps(enc.config), "format": "microsnoop-checkpoint-v1"})
     with pytest.warns(MicrosnoopWarning, match="no weights digest"):
         build_from_checkpoint(tmp_path / "old.safetensors")
+
+
+def test_inspect_warns_about_padding_and_reports_no_problem(inputs, tmp_path, cli):
+    np.save(tmp_path / "small.npy", np.load(inputs.arr)[:3, :, 20:30, 20:32])
+    code, out, _ = cli("inspect", tmp_path / "small.npy")
+    assert code == 0, out
+    assert "warnings: 1 (first: " in out and "10x12 px is under 16 px; the U-Net zero-pads it (3 such image(s)" in out
+    assert "problems: none" in out

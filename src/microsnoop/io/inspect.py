@@ -11,6 +11,7 @@ from ..errors import MicrosnoopError
 from .images import MAX_ABS_PIXEL, MIN_SIDE
 from .readers import ArraySource, FileListSource, open_source
 
+PAD_BELOW = 16  # the U-Net's minimum input side (ChannelEncoder.min_size)
 GROUP_HINTS = ("Metadata_Plate", "Metadata_Well", "Metadata_Protein", "Metadata_Compound", "Metadata_Split")
 
 
@@ -83,6 +84,9 @@ def _check_block(report: InspectReport, block: np.ndarray, src, offset: int) -> 
         for i in range(min(len(block), 20)):
             report.problems.append(f"{src.name(offset + i)}: image of {h}x{w} px is too small to embed "
                                    f"(each side needs at least {MIN_SIDE} px)")
+    elif min(h, w) < PAD_BELOW and len(report.warnings) < 200:
+        report.warnings.append(f"{src.name(offset)}: {h}x{w} px is under {PAD_BELOW} px; the U-Net zero-pads it "
+                               f"({len(block)} such image(s) here)")
     if block.dtype.kind == "f":
         bad = ~np.isfinite(flat).all(axis=(1, 2))
         for i in np.flatnonzero(bad)[:20]:
