@@ -29,6 +29,25 @@ def _split(value: Optional[str]) -> Optional[list[str]]:
     return [v.strip() for v in value.split(",") if v.strip()] if value else None
 
 
+def _int_list(value: Optional[str], option: str) -> list[int]:
+    """'0,1' -> [0, 1]; anything else is a one-line error naming the option."""
+    out = []
+    for v in _split(value) or []:
+        try:
+            out.append(int(v))
+        except ValueError:
+            raise MicrosnoopError(f"{option} expects plane numbers separated by commas (e.g. 0,1), got '{value}'") from None
+        if out[-1] < 0:
+            raise MicrosnoopError(f"{option} expects plane numbers counted from 0, got '{value}'")
+    return out
+
+
+def _check_out(path: Path, kind: str = "file") -> None:
+    from .io.atomic import check_output_path
+
+    check_output_path(path, kind)
+
+
 def command_line() -> str:
     return "microsnoop " + " ".join(shlex.quote(a) for a in sys.argv[1:])
 
@@ -49,7 +68,15 @@ def progress_bar(total: int, label: str):
 
 
 @app.callback()
-def _main(verbose: bool = typer.Option(False, "--verbose", "-v", help="Log details (device choice, timings).")) -> None:
+def _main(verbose: bool = typer.Option(False, "--verbose", "-v", help="Log details (device choice, timings)."),
+          max_pixels: Optional[str] = typer.Option(None, "--max-pixels", help="Refuse images with more pixels than this "
+                                                   "(default 200000000; also $MICROSNOOP_MAX_PIXELS), checked from the "
+                                                   "file header before decoding.")) -> None:
+    if max_pixels is not None:
+        from .io.images import MAX_PIXELS_ENV, max_pixels as check
+
+        os.environ[MAX_PIXELS_ENV] = max_pixels
+        check()  # a bad value fails now, naming the option
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(message)s")
     log.setLevel(logging.INFO)
     # our own warnings (e.g. "model is untrained") as one plain line, not a source listing
@@ -82,8 +109,12 @@ def embed(
     from .embed import Embedder, embed_source
     from .io import open_source
 
+    from .io.writers import format_for
+
+    format_for(output, fmt)
+    _check_out(output)
     src = open_source(input, channels=_split(channels), channel_names=_split(channel_names),
-                      path_columns=_split(path_columns), channel_index=[int(i) for i in _split(channel_index) or []],
+                      path_columns=_split(path_columns), channel_index=_int_list(channel_index, "--channel-index"),
                       metadata=metadata)
     emb = Embedder(model, device=device, precision=precision, batch_size=batch_size, threads=threads,
                    tta=tta, levels=levels, pool=pool)
@@ -126,12 +157,14 @@ def inspect(
     from .io.inspect import inspect_source
 
     report = inspect_source(input, channels=_split(channels), path_columns=_split(path_columns),
-                            channel_index=[int(i) for i in _split(channel_index) or []], group_by=_split(group_by))
+                            channel_index=_int_list(channel_index, "--channel-index"), group_by=_split(group_by))
+    from rich.markup import escape
+
     out = Console()
-    out.print(report.summary())
+    out.print(report.summary(), markup=False, highlight=False, soft_wrap=True)
     if report.problems:
-        for p in report.problems[:50]:
-            out.print(f"[red]problem:[/red] {p}")
+        for p in report.problems[:50]:  # one line each, whatever the terminal width
+            out.print(f"[red]problem:[/red] {escape(p)}", highlight=False, soft_wrap=True)
         raise typer.Exit(2)
 
 
@@ -158,7 +191,7 @@ def sample_data(output: Path = typer.Argument(Path("microsnoop-samples"), help="
 def profile(
     input: Path = typer.Argument(..., help="Embeddings/profiles file (.parquet, .h5, .h5ad) with Metadata_* columns."),
     output: Path = typer.Option(..., "--output", "-o", help="Profiles out (.parquet, .h5, .h5ad); treatments go to <output>.treatments.<ext>."),
-    controls: str = typer.Option('Metadata_Control == "negative"', "--controls", help="pandas query selecting the negative controls."),
+    controls: str = typer.Option('Metadata_Control == "negative"', "--controls", help="Rows of the negative controls: column comparisons, 'in [...]', and/or/not (a safe subset of pandas queries; no @ or code)."),
     aggregate: Optional[str] = typer.Option(None, "--aggregate", help="First aggregate by these columns, e.g. Metadata_Plate,Metadata_Well."),
     method: str = typer.Option("mean", "--method", help="Aggregation: mean | median."),
     normalize: Optional[str] = typer.Option(None, "--normalize", help="Per-plate normalisation to the controls: standardize | mad_robustize."),
@@ -170,6 +203,10 @@ def profile(
     """Aggregate, normalise against negative controls, sphere and aggregate per treatment."""
     from .profiling.pipeline import ProfileSettings, run_profile
 
+    if normalize is not None and normalize not in ("standardize", "mad_robustize"):
+        raise MicrosnoopError(f"--normalize must be standardize or mad_robustize, not '{normalize}'")
+    if method not in ("mean", "median"):
+        raise MicrosnoopError(f"--method must be mean or median, not '{method}'")
     s = ProfileSettings(controls=controls, aggregate=_split(aggregate), aggregate_method=method, normalize=normalize,
                         sphere=sphere, sphere_by=None if sphere_by == "global" else _split(sphere_by),
                         treatment=_split(treatment))
@@ -197,8 +234,8 @@ def plate(
     rescale_constant: Optional[float] = typer.Option(None, "--rescale-constant", help="Rc of the cell-region crop."),
     crop_size: Optional[int] = typer.Option(None, "--crop-size", help="Sta: crops are zero-padded to this size."),
     max_cells: Optional[int] = typer.Option(None, "--max-cells", help="Embed at most this many cells per field (seeded random subset)."),
-    controls: str = typer.Option('Metadata_Control == "negative"', "--controls", help="pandas query selecting negative-control wells."),
-    positive: str = typer.Option('Metadata_Control == "positive"', "--positive", help="pandas query selecting positive-control wells ('' for none)."),
+    controls: str = typer.Option('Metadata_Control == "negative"', "--controls", help="Negative-control wells: column comparisons, 'in [...]', and/or/not (a safe subset of pandas queries)."),
+    positive: str = typer.Option('Metadata_Control == "positive"', "--positive", help="Positive-control wells, same grammar as --controls ('' for none)."),
     normalize: Optional[str] = typer.Option(None, "--normalize", help="standardize | mad_robustize against the negative controls, per plate."),
     sphere: bool = typer.Option(True, "--sphere/--no-sphere", help="ZCA-cor sphering fitted on the negative controls (knee-regularised)."),
     treatment: Optional[str] = typer.Option(None, "--treatment", help="Treatment columns (default: inferred, e.g. Metadata_RowBlock,Metadata_DoseIndex)."),
@@ -212,7 +249,23 @@ def plate(
 ) -> None:
     """A plate end to end: segment -> crop -> embed -> fields -> wells -> normalise/sphere -> report."""
     from .pipelines.plate import PlateSettings, run_plate
+    from .profiling.query import check_query
 
+    _check_out(output, "folder")
+    if not manifest.is_file():
+        raise MicrosnoopError("manifest not found" if not manifest.exists() else "manifest must be a CSV file", manifest)
+    columns = list(read_csv_columns(manifest))
+    check_query(controls, columns, "--controls")
+    if positive:
+        check_query(positive, columns, "--positive")
+    # options used only after every field is embedded: check them now, not after an hour of work
+    if normalize is not None and normalize not in ("standardize", "mad_robustize"):
+        raise MicrosnoopError(f"--normalize must be standardize or mad_robustize, not '{normalize}'")
+    if fmt not in ("parquet", "h5", "h5ad"):
+        raise MicrosnoopError(f"--format must be parquet, h5 or h5ad, not '{fmt}'")
+    missing = [c for c in _split(treatment) or [] if c not in columns]
+    if missing:
+        raise MicrosnoopError(f"--treatment column(s) {', '.join(missing)} not in the manifest", manifest)
     s = PlateSettings(channels=_split(channels), segment_channel=segment_channel, segmenter=segmenter, diameter=diameter,
                       mode=mode, rescale_constant=rescale_constant, crop_size=crop_size, max_cells=max_cells,
                       model=model, batch_size=batch_size, device=device, precision=precision, controls=controls,
@@ -248,6 +301,9 @@ def segment(
     from .io.readers import open_source
     from .pipelines.fields import segment_to_folder
 
+    _check_out(output, "folder")
+    if diameter is not None and diameter <= 0:
+        raise MicrosnoopError("--diameter must be positive")
     configure_threads(threads)
     src = input / "images.npy" if input.is_dir() and (input / "images.npy").exists() else input
     n = len(open_source(src)) if src.exists() else 0
@@ -347,6 +403,7 @@ def train(
                 checkpoint_every=checkpoint_every, workers=workers, holdout=holdout, init=init,
                 label_column=label, layer=layer)
     opts.update(parse_overrides(set_ or []))
+    _check_out(output, "folder")
     from .distributed import env_dist
 
     main_rank = env_dist().main  # under torchrun only rank 0 shows progress and the summary
@@ -387,12 +444,39 @@ def reconstruct(
     console.print(f"wrote {res['output']} (masked-pixel MSE: {', '.join(f'{v:.4f}' for v in res['masked_mse'])})")
 
 
+def read_csv_columns(path: Path) -> list[str]:
+    """A CSV's header (to check option values against it before any work)."""
+    from .io.readers import read_csv
+
+    return [str(c) for c in read_csv(path).columns]
+
+
+def _one_line(exc: BaseException) -> str:
+    """An operating-system error as ``PATH: reason`` (read-only folders, full disks, paths that are files)."""
+    if isinstance(exc, OSError):
+        path = exc.filename if exc.filename is not None else ""
+        reason = exc.strerror or str(exc)
+        return f"{path}: {reason}" if path else reason
+    return str(exc)
+
+
 def main() -> None:
     try:
         app()
     except MicrosnoopError as exc:
-        console.print(f"[red]error:[/red] {exc}", markup=True, highlight=False, soft_wrap=True)
+        _print_error(str(exc))
         sys.exit(2)
+    except OSError as exc:  # the file system refused: still one line naming the file, never a traceback
+        _print_error(_one_line(exc))
+        sys.exit(2)
+
+
+def _print_error(message: str) -> None:
+    from rich.markup import escape
+
+    # one line: newlines inside a decoder's message would break it, and [..] must not be read as markup
+    line = " ".join(message.split("\n"))
+    console.print(f"[red]error:[/red] {escape(line)}", highlight=False, soft_wrap=True)
 
 
 if __name__ == "__main__":

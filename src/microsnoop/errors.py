@@ -8,3 +8,7 @@ class MicrosnoopError(Exception):
     def __init__(self, message: str, path: object | None = None):
         self.path = None if path is None else str(path)
         super().__init__(f"{self.path}: {message}" if self.path else message)
+
+
+class MicrosnoopWarning(UserWarning):
+    """Something a user must see but that does not stop the run (padded tiny images, dropped planes)."""

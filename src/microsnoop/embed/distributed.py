@@ -25,9 +25,12 @@ def journal_path(work: Path, d: Dist) -> Path:
     return work / f"journal.rank{d.rank}.jsonl"
 
 
-def record(work: Path, d: Dist, chunk: int, start: int, stop: int) -> None:
-    """Append one line after a shard is renamed into place; fsync so a kill cannot lose it."""
-    line = json.dumps({"chunk": chunk, "start": start, "stop": stop, "rank": d.rank, "world": d.world})
+def record(work: Path, d: Dist, chunk: int, start: int, stop: int, digest: str | None = None) -> None:
+    """Append one line after a shard is renamed into place (and fsynced); fsync so a kill cannot lose it.
+
+    ``digest``: sha256 of the input bytes the chunk was embedded from, checked on ``--resume``."""
+    line = json.dumps({"chunk": chunk, "start": start, "stop": stop, "rank": d.rank, "world": d.world,
+                       "input_sha256": digest})
     with open(journal_path(work, d), "a") as fh:
         fh.write(line + "\n")
         fh.flush()
@@ -36,11 +39,21 @@ def record(work: Path, d: Dist, chunk: int, start: int, stop: int) -> None:
 
 def finished_chunks(work: Path) -> set[int]:
     """Chunks every journal lists (a torn last line from a kill is ignored)."""
-    done: set[int] = set()
-    for p in work.glob(JOURNAL_GLOB):
-        for line in p.read_text().splitlines():
+    return set(finished_digests(work))
+
+
+def finished_digests(work: Path) -> dict[int, str | None]:
+    """Finished chunk -> sha256 of its input bytes (None in journals written without one)."""
+    done: dict[int, str | None] = {}
+    for p in sorted(work.glob(JOURNAL_GLOB)):
+        try:
+            text = p.read_text(errors="replace")
+        except OSError:
+            continue
+        for line in text.splitlines():
             try:
-                done.add(int(json.loads(line)["chunk"]))
-            except (ValueError, KeyError, TypeError):
+                rec = json.loads(line)
+                done[int(rec["chunk"])] = rec.get("input_sha256")
+            except (ValueError, KeyError, TypeError, AttributeError):
                 continue
     return done

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import warnings
 from collections import defaultdict
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -18,7 +19,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..errors import MicrosnoopError
+from ..errors import MicrosnoopError, MicrosnoopWarning
+from ..io.images import MAX_ABS_PIXEL, MIN_SIDE
 from ..models import ChannelEncoder, create_model
 from ..models.registry import apply_head
 from ..models.heads import TTAModule
@@ -121,7 +123,7 @@ def default_threads() -> int:
 def configure_threads(threads: int | None = None) -> int:
     """Set torch's intra-op threads to the CPUs we may use (oversubscribing a 2-core laptop, or
     N torchrun ranks each taking every core, costs more than it gains)."""
-    n = int(threads) if threads else default_threads()
+    n = default_threads() if threads is None else int(threads)
     if n < 1:
         raise MicrosnoopError("--threads must be at least 1")
     if torch.get_num_threads() != n:
@@ -130,14 +132,36 @@ def configure_threads(threads: int | None = None) -> int:
 
 
 def check_finite(arr: np.ndarray, name: Callable[[int], str], offset: int = 0) -> None:
-    """NaN/inf pixels would silently poison every feature of the image: refuse them."""
+    """NaN/inf pixels, or float pixels so large that the encoder overflows (an all-NaN vector), would
+    silently poison every feature of the image: refuse them."""
     if arr.dtype.kind != "f":
         return
-    bad = ~np.isfinite(arr.reshape(len(arr), -1)).all(axis=1)
+    flat = arr.reshape(len(arr), -1)
+    bad = ~np.isfinite(flat).all(axis=1)
     if bad.any():
         i = int(np.flatnonzero(bad)[0])
         raise MicrosnoopError(f"image contains NaN or inf pixels ({int(bad.sum())} such images in this chunk)",
                               name(offset + i))
+    big = (np.abs(flat) > MAX_ABS_PIXEL).any(axis=1)
+    if big.any():
+        i = int(np.flatnonzero(big)[0])
+        raise MicrosnoopError(f"image has float pixel values beyond +-{MAX_ABS_PIXEL:g} (max |x| "
+                              f"{float(np.abs(flat[i]).max()):.3g}): corrupt data, or rescale it", name(offset + i))
+
+
+def check_size(h: int, w: int, min_size: int, name: str) -> bool:
+    """Refuse images too thin to embed; returns True when the image will be zero-padded."""
+    if min(h, w) < MIN_SIDE:
+        raise MicrosnoopError(f"image of {h}x{w} px is too small to embed (each side needs at least {MIN_SIDE} px)",
+                              name)
+    return h < min_size or w < min_size
+
+
+def warn_padded(padded: list[tuple[str, tuple]], min_size: int, count: int | None = None) -> None:
+    if padded:
+        first, shape = padded[0]
+        warnings.warn(f"{count or len(padded)} image(s) smaller than the model's {min_size} px minimum were zero-padded "
+                      f"(first: {first}, {shape[0]}x{shape[1]} px)", MicrosnoopWarning, stacklevel=3)
 
 
 def pad_to_min(planes: np.ndarray, min_size: int) -> np.ndarray:
@@ -221,11 +245,14 @@ class Embedder:
                 offset: int = 0) -> "Prepared":
         """Validate and normalise a chunk (CPU, numpy): the part a loader thread can do ahead of compute."""
         name = name or (lambda i: f"image {i}")
+        min_size = self.encoder.min_size
         if isinstance(images, np.ndarray) and images.ndim == 4:
             n, c = images.shape[:2]
             check_finite(images, name, offset)
             if 0 in images.shape:
                 raise MicrosnoopError(f"empty image of shape {images.shape[1:]}", name(offset))
+            if n and check_size(*images.shape[2:], min_size, name(offset)):
+                warn_padded([(name(offset), images.shape[2:])], min_size, count=n)
             return Prepared(n, c, [(np.arange(n), normalize_percentile(images))])
         images = list(images)
         n = len(images)
@@ -233,6 +260,7 @@ class Embedder:
             return Prepared(0, 0, [])
         c = images[0].shape[0]
         by_shape: dict[tuple, list[int]] = defaultdict(list)
+        padded: list[tuple[str, tuple]] = []
         for i, img in enumerate(images):
             if img.ndim != 3:
                 raise MicrosnoopError(f"expected a (C, H, W) image, got shape {img.shape}", name(offset + i))
@@ -241,24 +269,35 @@ class Embedder:
             if img.size == 0:
                 raise MicrosnoopError("empty image (no pixels)", name(offset + i))
             check_finite(img[None], lambda _: name(offset + i))
+            if check_size(*img.shape[1:], min_size, name(offset + i)):
+                padded.append((name(offset + i), img.shape[1:]))
             by_shape[img.shape[1:]].append(i)
+        warn_padded(padded, min_size)
         groups = [(np.array(ix), normalize_percentile(np.stack([images[i] for i in ix]))) for ix in by_shape.values()]
         return Prepared(n, c, groups)
 
-    def encode(self, prepared: "Prepared") -> np.ndarray:
-        """Run the encoder on a prepared chunk -> (N, C * dim) float32 in input order."""
+    def encode(self, prepared: "Prepared", name: Callable[[int], str] | None = None, offset: int = 0) -> np.ndarray:
+        """Run the encoder on a prepared chunk -> (N, C * dim) float32 in input order.
+
+        A vector that is not finite is never returned: it names the image instead of writing NaN."""
         if prepared.n == 0:
             return np.zeros((0, 0), np.float32)
         out = np.empty((prepared.n, prepared.c * self.dim), dtype=np.float32)
         for ix, arr in prepared.groups:
             planes = arr.reshape(-1, *arr.shape[2:])
             out[ix] = self.encode_planes(planes).reshape(len(ix), prepared.c * self.dim)
+        bad = ~np.isfinite(out).all(axis=1)
+        if bad.any():
+            i = int(np.flatnonzero(bad)[0])
+            who = name(offset + i) if name else f"image {offset + i}"
+            raise MicrosnoopError(f"the model gave a NaN/inf vector for this image ({int(bad.sum())} such images in "
+                                  f"this chunk; extreme pixel values?)", who)
         return out
 
     def embed(self, images: np.ndarray | Sequence[np.ndarray], name: Callable[[int], str] | None = None,
               offset: int = 0) -> np.ndarray:
         """(N, C, H, W) array or a list of (C, H, W) arrays (sizes may differ) -> (N, C * dim) float32."""
-        return self.encode(self.prepare(images, name, offset))
+        return self.encode(self.prepare(images, name, offset), name, offset)
 
 
 class Prepared:

@@ -8,20 +8,22 @@ a temp file and renamed; only then is the partial folder removed.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import mmap
 import queue
 import shutil
 import sys
 import threading
+import warnings
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import numpy as np
 
 from .. import __version__
-from ..errors import MicrosnoopError
-from ..io.atomic import atomic_path, save_npy_atomic
+from ..errors import MicrosnoopError, MicrosnoopWarning
+from ..io.atomic import atomic_path, check_output_path, save_npy_atomic
 from ..io.readers import ImageSource
 from ..io.writers import format_for, write_embeddings
 from . import distributed as dist
@@ -51,8 +53,11 @@ def partial_dir(output: Path) -> Path:
 
 
 def prepare_output(output: Path, overwrite: bool, resume: bool) -> Path:
-    """Refuse to clobber finished outputs; return the partial folder to work in."""
+    """Refuse to clobber finished outputs or write where we cannot; return the partial folder to work in."""
+    check_output_path(output)
     work = partial_dir(output)
+    if work.exists() and not work.is_dir():
+        raise MicrosnoopError(f"a file named {work.name} is in the way of the run's chunk folder; move it", output)
     if output.exists() and not overwrite:
         raise MicrosnoopError("output already exists (use --overwrite to replace it)", output)
     if work.exists() and not resume:
@@ -67,7 +72,13 @@ def prepare_output(output: Path, overwrite: bool, resume: bool) -> Path:
 def check_state(work: Path, state: dict[str, Any]) -> None:
     sp = work / "state.json"
     if sp.exists():
-        old = json.loads(sp.read_text())
+        try:
+            old = json.loads(sp.read_text())
+            if not isinstance(old, dict):
+                raise ValueError("not a JSON object")
+        except (ValueError, OSError) as exc:
+            raise MicrosnoopError(f"cannot resume: its state.json is damaged ({type(exc).__name__}); use --overwrite "
+                                  f"to start over", work) from None
         diff = [k for k in state if old.get(k) != state[k]]
         if diff:
             raise MicrosnoopError(f"cannot resume: the unfinished run differs in {', '.join(diff)}", work)
@@ -102,21 +113,30 @@ def embed_source(source: ImageSource, output: str | Path, *, model: str | None =
              "head": head,
              "chunk_size": chunk_size, "n_images": len(source), "channels": source.channel_names,
              "precision": embedder.precision, "normalization": NORMALIZATION}
+    fresh = True
     if d.main:
         work = prepare_output(output, overwrite, resume)
+        fresh = not work.exists()
         check_state(work, state)
+        if not fresh:
+            verify_finished_chunks(source, work, ranges)
     dist.barrier(d)
     try:
         files = _embed_chunks(source, embedder, ranges, work, progress if d.main else None, d)
+        dist.barrier(d)
+        if d.main:
+            digests = dist.finished_digests(work)
+            input_digest = hashlib.sha256("".join(digests.get(k) or "?" for k in range(len(ranges))).encode())
+            prov = provenance(embedder, source, command, world_size=d.world,
+                              input_sha256_of_chunks=input_digest.hexdigest())
+            write_embeddings(output, source.metadata, _iter_chunks(files, ranges), source.channel_names,
+                             embedder.dim, prov, fmt)
+            shutil.rmtree(work, ignore_errors=True)
     except MicrosnoopError:
-        # bad input will not get better on resume: leave nothing behind
-        shutil.rmtree(work, ignore_errors=True)
+        # bad input will not get better on resume: leave nothing behind that this run created
+        if fresh:
+            shutil.rmtree(work, ignore_errors=True)
         raise
-    dist.barrier(d)
-    if d.main:
-        prov = provenance(embedder, source, command, world_size=d.world)
-        write_embeddings(output, source.metadata, _iter_chunks(files), source.channel_names, embedder.dim, prov, fmt)
-        shutil.rmtree(work, ignore_errors=True)
     dist.barrier(d)
     dist.finish(d)
     return output
@@ -127,7 +147,9 @@ def _embed_chunks(source: ImageSource, embedder: Embedder, ranges: list[tuple[in
     """Embed this rank's unfinished chunks; a loader thread reads and normalises chunk k+1 while
     the encoder runs on chunk k. Returns every chunk's shard path, in input order."""
     files = [work / f"chunk_{k:06d}.npy" for k in range(len(ranges))]
-    done = {k for k in dist.finished_chunks(work) if k < len(files) and files[k].exists()}
+    width = source.n_channels * embedder.dim
+    done = {k for k in dist.finished_chunks(work)
+            if k < len(files) and _chunk_ok(files[k], ranges[k][1] - ranges[k][0], width)}
     todo = [k for k in range(len(ranges)) if k not in done and d.owns(k)]
     if progress:
         progress(sum(stop - start for k, (start, stop) in enumerate(ranges) if k in done))
@@ -137,14 +159,15 @@ def _embed_chunks(source: ImageSource, embedder: Embedder, ranges: list[tuple[in
 
     def load(k: int):
         start, stop = ranges[k]
-        images = source.read(start, stop)
+        h = hashlib.sha256()
+        images = source.read(start, stop, h)  # the digest of exactly the bytes embedded, read once
         _drop_mapped_pages(source)
-        return embedder.prepare(images, name=source.name, offset=start)
+        return embedder.prepare(images, name=source.name, offset=start), h.hexdigest()
 
-    for k, prepared in prefetch(load, todo):
-        feats = embedder.encode(prepared)
+    for k, (prepared, digest) in prefetch(load, todo):
+        feats = embedder.encode(prepared, name=source.name, offset=ranges[k][0])
         save_npy_atomic(files[k], feats)
-        dist.record(work, d, k, *ranges[k])
+        dist.record(work, d, k, *ranges[k], digest=digest)
         if progress:
             progress(round((ranges[k][1] - ranges[k][0]) * scale))
     return files
@@ -207,6 +230,44 @@ def prefetch(load: Callable[[int], Any], keys: list[int], depth: int = 1) -> Ite
         t.join(timeout=5)
 
 
-def _iter_chunks(files: list[Path]) -> Iterator[np.ndarray]:
-    for p in files:
-        yield np.load(p)
+def _chunk_ok(path: Path, rows: int, width: int) -> bool:
+    """A finished chunk file is usable: a readable float32 (rows, width) .npy. A damaged one (truncated,
+    emptied by a crash before fsync existed, overwritten) is embedded again, with a warning."""
+    if not path.exists():
+        return False
+    try:
+        arr = np.load(path, mmap_mode="r")
+        ok = arr.dtype == np.float32 and arr.shape == (rows, width) and bool(np.isfinite(arr).all())
+    except (OSError, ValueError, EOFError):
+        ok = False
+    if not ok:
+        warnings.warn(f"{path}: damaged chunk file in the unfinished run; embedding those images again",
+                      MicrosnoopWarning, stacklevel=2)
+    return ok
+
+
+def verify_finished_chunks(source: ImageSource, work: Path, ranges: list[tuple[int, int]]) -> None:
+    """Refuse to resume when the input behind a finished chunk changed (a replaced file of the same size
+    and date would otherwise keep its stale vectors). Each chunk's digest was taken from the bytes the
+    reader read while embedding it, so the first run reads its input once; resuming re-reads (without
+    decoding or embedding) only the finished chunks' input."""
+    for k, digest in sorted(dist.finished_digests(work).items()):
+        if k >= len(ranges):
+            continue
+        start, stop = ranges[k]
+        if digest is None or source.content_digest(start, stop) != digest:
+            raise MicrosnoopError(f"cannot resume: the input of images {start}-{stop - 1} changed since the unfinished "
+                                  f"run embedded them ({source.name(start)}); use --overwrite to start over", work)
+
+
+def _iter_chunks(files: list[Path], ranges: list[tuple[int, int]] | None = None) -> Iterator[np.ndarray]:
+    for k, p in enumerate(files):
+        try:
+            arr = np.load(p)
+        except (OSError, ValueError, EOFError) as exc:
+            raise MicrosnoopError(f"chunk file is damaged ({type(exc).__name__}); run again with --resume to "
+                                  f"embed it again", p) from None
+        if ranges is not None and len(arr) != ranges[k][1] - ranges[k][0]:
+            raise MicrosnoopError(f"chunk file has {len(arr)} rows, expected {ranges[k][1] - ranges[k][0]}; run "
+                                  f"again with --resume to embed it again", p)
+        yield arr

@@ -8,8 +8,10 @@ from typing import Sequence
 import numpy as np
 
 from ..errors import MicrosnoopError
+from .images import MAX_ABS_PIXEL, MIN_SIDE
 from .readers import ArraySource, FileListSource, open_source
 
+PAD_BELOW = 16  # the U-Net's minimum input side (ChannelEncoder.min_size)
 GROUP_HINTS = ("Metadata_Plate", "Metadata_Well", "Metadata_Protein", "Metadata_Compound", "Metadata_Split")
 
 
@@ -77,10 +79,22 @@ def inspect_source(path: str | Path, channels: Sequence[str] | None = None, path
 
 def _check_block(report: InspectReport, block: np.ndarray, src, offset: int) -> None:
     flat = block.reshape(len(block), block.shape[1], -1)
+    h, w = block.shape[-2:]
+    if min(h, w) < MIN_SIDE:  # the same rule embed applies
+        for i in range(min(len(block), 20)):
+            report.problems.append(f"{src.name(offset + i)}: image of {h}x{w} px is too small to embed "
+                                   f"(each side needs at least {MIN_SIDE} px)")
+    elif min(h, w) < PAD_BELOW and len(report.warnings) < 200:
+        report.warnings.append(f"{src.name(offset)}: {h}x{w} px is under {PAD_BELOW} px; the U-Net zero-pads it "
+                               f"({len(block)} such image(s) here)")
     if block.dtype.kind == "f":
         bad = ~np.isfinite(flat).all(axis=(1, 2))
         for i in np.flatnonzero(bad)[:20]:
             report.problems.append(f"{src.name(offset + int(i))}: NaN or inf pixels")
+        big = ~bad & (np.abs(np.where(np.isfinite(flat), flat, 0)) > MAX_ABS_PIXEL).any(axis=(1, 2))
+        for i in np.flatnonzero(big)[:20]:
+            report.problems.append(f"{src.name(offset + int(i))}: float pixel values beyond +-{MAX_ABS_PIXEL:g} "
+                                   f"(the encoder would give NaN vectors)")
     const = flat.max(axis=2) == flat.min(axis=2)
     for i, c in zip(*np.nonzero(const)):
         if len(report.warnings) < 200:

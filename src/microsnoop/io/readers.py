@@ -10,18 +10,25 @@ import hashlib
 import json
 import re
 from pathlib import Path
-from typing import Sequence
+import warnings
+from typing import Any, Sequence
 
 import numpy as np
 import pandas as pd
 
-from ..errors import MicrosnoopError
-from .images import IMAGE_SUFFIXES, read_image
+from ..errors import MicrosnoopError, MicrosnoopWarning
+from .images import IMAGE_SUFFIXES, check_pixel_count, check_pixel_type, decode_image, read_file_bytes, read_image
 
 
 def _file_sig(path: Path) -> str:
-    st = path.stat()
-    return f"{path.resolve()}:{st.st_size}:{int(st.st_mtime)}"
+    """Which file and how big: the cheap part of a resume check (content is checked per chunk by digest)."""
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        raise MicrosnoopError("file not found", path) from None
+    except OSError as exc:
+        raise MicrosnoopError(f"cannot read file ({exc.strerror or exc})", path) from None
+    return f"{path.resolve()}:{st.st_size}"
 
 
 class ImageSource:
@@ -34,7 +41,8 @@ class ImageSource:
     def __len__(self) -> int:
         return len(self.metadata)
 
-    def read(self, start: int, stop: int) -> list[np.ndarray]:
+    def read(self, start: int, stop: int, digest: Any = None) -> list[np.ndarray]:
+        """Images ``start:stop``; ``digest`` (a hashlib object), when given, is fed the bytes read."""
         raise NotImplementedError
 
     def name(self, i: int) -> str:
@@ -42,6 +50,12 @@ class ImageSource:
 
     def fingerprint(self) -> str:
         raise NotImplementedError
+
+    def content_digest(self, start: int, stop: int) -> str:
+        """sha256 of the input bytes behind images ``start:stop`` (what ``read`` feeds its digest)."""
+        h = hashlib.sha256()
+        self.read(start, stop, h)
+        return h.hexdigest()
 
     @property
     def n_channels(self) -> int:
@@ -92,21 +106,23 @@ class ArraySource(ImageSource):
             raise MicrosnoopError(f"expected an (N, C, H, W) array, got shape {self.array.shape}", self.path)
         if self.array.shape[0] == 0 or 0 in self.array.shape[2:]:
             raise MicrosnoopError(f"empty image array of shape {self.array.shape}", self.path)
-        if not (np.issubdtype(self.array.dtype, np.integer) or np.issubdtype(self.array.dtype, np.floating)
-                or self.array.dtype == bool):
-            raise MicrosnoopError(f"unsupported pixel type {self.array.dtype}", self.path)
+        check_pixel_type(self.array.dtype, self.path)
+        check_pixel_count(self.array.shape[1:], self.path)
         info = load_dataset_json(self.path.parent)
         self.dataset = info
         n, c = self.array.shape[:2]
         names = info.get("channels") if info.get("channels") and len(info["channels"]) == c else None
         self.channel_names = list(names) if names else [f"ch{i}" for i in range(c)]
         meta_path = Path(metadata) if metadata else self.path.parent / "metadata.csv"
+        if metadata and not meta_path.is_file():
+            raise MicrosnoopError("--metadata file not found" if not meta_path.exists() else
+                                  "--metadata is not a file", meta_path)
         if meta_path.exists():
             meta = read_csv(meta_path)
             if len(meta) != n:
-                if metadata:
-                    raise MicrosnoopError(f"has {len(meta)} rows but {self.path.name} holds {n} images", meta_path)
-                meta = pd.DataFrame(index=range(n))
+                # a metadata table that does not describe these images must not be dropped silently
+                raise MicrosnoopError(f"has {len(meta)} rows but {self.path.name} holds {n} images (fix it, or "
+                                      f"pass the right table with --metadata)", meta_path)
         else:
             meta = pd.DataFrame(index=range(n))
         meta = meta[[c_ for c_ in meta.columns if c_.startswith("Metadata_")]].reset_index(drop=True)
@@ -114,8 +130,12 @@ class ArraySource(ImageSource):
             meta.insert(0, "Metadata_Index", np.arange(n))
         self.metadata = meta
 
-    def read(self, start: int, stop: int) -> np.ndarray:
-        return np.ascontiguousarray(self.array[start:stop])
+    def read(self, start: int, stop: int, digest: Any = None) -> np.ndarray:
+        block = np.ascontiguousarray(self.array[start:stop])
+        if digest is not None:  # the pixels just read, so the input is never read twice for its digest
+            digest.update(f"{block.dtype.str}{block.shape}".encode())
+            digest.update(memoryview(block).cast("B"))
+        return block
 
     def name(self, i: int) -> str:
         return f"{self.path} (image {i})"
@@ -125,10 +145,12 @@ class ArraySource(ImageSource):
 
 
 def read_csv(path: Path) -> pd.DataFrame:
+    """A CSV as a frame; any parse problem (empty, binary, ragged rows) is a one-line error naming it."""
     try:
         return pd.read_csv(path)
     except Exception as exc:
-        raise MicrosnoopError(f"cannot read CSV ({type(exc).__name__}: {exc})", path) from None
+        msg = str(exc).splitlines()[0] if str(exc) else ""
+        raise MicrosnoopError(f"cannot read CSV ({type(exc).__name__}: {msg})", path) from None
 
 
 class FileListSource(ImageSource):
@@ -141,8 +163,14 @@ class FileListSource(ImageSource):
         self.channel_names = channel_names
         self.channel_index: list[int] | None = None
 
-    def read_one(self, i: int) -> np.ndarray:
-        parts = [read_image(p) for p in self.files[i]]
+    def read_one(self, i: int, digest: Any = None) -> np.ndarray:
+        """Image ``i`` as (C, H, W); each file is read once, its bytes fed to ``digest`` and decoded."""
+        parts = []
+        for p in self.files[i]:
+            data = read_file_bytes(p)
+            if digest is not None:
+                digest.update(data)
+            parts.append(decode_image(data, p))
         shapes = {p.shape[1:] for p in parts}
         if len(shapes) > 1:
             raise MicrosnoopError(f"channel files of one image differ in size: "
@@ -159,8 +187,16 @@ class FileListSource(ImageSource):
                                   self.files[i][0])
         return img
 
-    def read(self, start: int, stop: int) -> list[np.ndarray]:
-        return [self.read_one(i) for i in range(start, stop)]
+    def read(self, start: int, stop: int, digest: Any = None) -> list[np.ndarray]:
+        return [self.read_one(i, digest) for i in range(start, stop)]
+
+    def content_digest(self, start: int, stop: int) -> str:
+        """sha256 of the files' bytes, in the order ``read`` feeds them, without decoding."""
+        h = hashlib.sha256()
+        for i in range(start, stop):
+            for p in self.files[i]:
+                h.update(read_file_bytes(p))
+        return h.hexdigest()
 
     def name(self, i: int) -> str:
         return ", ".join(str(p) for p in self.files[i])
@@ -176,6 +212,11 @@ class FileListSource(ImageSource):
         """Keep these channels of multi-channel files (e.g. drop an empty blue plane of an RGB PNG)."""
         if not index:
             return
+        bad = [i for i in index if int(i) < 0]
+        if bad:
+            raise MicrosnoopError(f"--channel-index must list planes counted from 0, got {bad[0]}")
+        if len(set(index)) != len(index):
+            raise MicrosnoopError(f"--channel-index lists a plane twice: {','.join(map(str, index))}")
         self.channel_index = [int(i) for i in index]
         self.channel_names = [f"ch{i}" for i in self.channel_index]
 
@@ -231,6 +272,16 @@ class FolderSource(FileListSource):
             keys.append(p.name[:i] + p.name[i + len(first):].rsplit(".", 1)[0])
         if not groups:
             raise MicrosnoopError(f"no file name contains the first channel token '{first}'", folder)
+        unused = [p for p in files if p.name not in used]
+        for p in unused:
+            tok = next((t for t in tokens[1:] if t in p.name), None)
+            if tok is not None:
+                raise MicrosnoopError(f"file {p.name} (channel '{tok}') has no '{first}' partner; every image needs "
+                                      f"all of {','.join(tokens)}", folder)
+        if unused:
+            warnings.warn(f"{folder}: {len(unused)} image file(s) contain none of the channel tokens "
+                          f"{','.join(tokens)} and are not used (first: {unused[0].name})", MicrosnoopWarning,
+                          stacklevel=3)
         return groups, keys
 
 
@@ -281,6 +332,9 @@ class ManifestSource(FileListSource):
                     p = (folder if folder.is_absolute() else csv.parent / folder) / p
                 if p in seen:
                     raise MicrosnoopError(f"row {row_i + 2}: file {p} is used twice ({seen[p]} and {col})", csv)
+                if not p.is_file():  # the most common manifest mistake: say so before anything is read
+                    what = "is a folder, not an image file" if p.is_dir() else "file not found"
+                    raise MicrosnoopError(f"row {row_i + 2} {col}: {what}: {p}", csv)
                 seen[p] = f"row {row_i + 2} {col}"
                 group.append(p)
             files.append(group)
@@ -295,6 +349,9 @@ def open_source(path: str | Path, *, channels: Sequence[str] | None = None, chan
     path = Path(path)
     if not path.exists():
         raise MicrosnoopError("file not found", path)
+    if metadata is not None and (path.is_dir() or path.suffix.lower() not in (".npy", ".npz")):
+        raise MicrosnoopError("--metadata applies to .npy/.npz array inputs; manifests and folders carry their own "
+                              "metadata", metadata)
     if path.is_dir():
         src: ImageSource = FolderSource(path, channels=channels, pattern=pattern)
     elif path.suffix.lower() in (".npy", ".npz"):

@@ -19,7 +19,7 @@ FORMATS = {".parquet": "parquet", ".pq": "parquet", ".h5": "h5", ".hdf5": "h5", 
 def format_for(path: str | Path, fmt: str | None = None) -> str:
     if fmt:
         if fmt not in set(FORMATS.values()):
-            raise MicrosnoopError(f"unknown format '{fmt}' (choose parquet, h5 or h5ad)")
+            raise MicrosnoopError(f"unknown --format '{fmt}' (choose parquet, h5 or h5ad)")
         return fmt
     suffix = Path(path).suffix.lower()
     if suffix not in FORMATS:

@@ -15,7 +15,7 @@ from ..errors import MicrosnoopError
 from .aggregate import aggregate, aggregate_step
 from .normalize import normalize, normalize_step
 from .sphere import sphere, sphere_step
-from .table import feature_columns, read_profiles, select_rows, write_profiles
+from .table import check_finite_features, feature_columns, read_profiles, select_rows, write_profiles
 
 
 @dataclass
@@ -36,9 +36,14 @@ class ProfileSettings:
 
 
 def _present(df: pd.DataFrame, by: Sequence[str] | None) -> list[str] | None:
-    """Batch columns that exist (a file without ``Metadata_Plate`` is one batch)."""
+    """Batch columns that exist (a file without ``Metadata_Plate`` is one batch). Any other batch column
+    that is missing is an error: silently fitting one global transform instead would be a wrong result."""
     if not by:
         return None
+    missing = [c for c in by if c not in df.columns and c != "Metadata_Plate"]
+    if missing:
+        raise MicrosnoopError(f"batch column(s) {', '.join(missing)} not in the profiles (--sphere-by / normalize by); "
+                              f"metadata columns are {', '.join(c for c in df.columns if '_emb_' not in c)}")
     kept = [c for c in by if c in df.columns]
     return kept or None
 
@@ -46,6 +51,11 @@ def _present(df: pd.DataFrame, by: Sequence[str] | None) -> list[str] | None:
 def profile_frame(df: pd.DataFrame, s: ProfileSettings) -> tuple[pd.DataFrame, pd.DataFrame | None, list[dict]]:
     """Run the steps on a frame; returns (well-level profiles, treatment profiles or None, step records)."""
     feats = feature_columns(df, s.features)
+    check_finite_features(df, feats)
+    if s.controls is not None:
+        from .query import check_query
+
+        check_query(s.controls)
     steps: list[dict[str, Any]] = []
     if s.aggregate:
         n = len(df)
@@ -78,9 +88,21 @@ def treatment_path(output: Path) -> Path:
 def run_profile(input: str | Path, output: str | Path, settings: ProfileSettings, overwrite: bool = False,
                 command: str | None = None) -> dict[str, Path]:
     """Profile an embeddings file; writes ``output`` (and ``<output>.treatments.<ext>`` with a treatment level)."""
+    from ..io.atomic import check_output_path
+    from ..io.writers import format_for
+
     output = Path(output)
+    format_for(output)
+    check_output_path(output)
     if output.exists() and not overwrite:
         raise MicrosnoopError("output already exists (use --overwrite to replace it)", output)
+    if settings.treatment:
+        tpath = check_output_path(treatment_path(output), option="treatments output")
+        if tpath.exists() and not overwrite:
+            raise MicrosnoopError("treatments output already exists (use --overwrite to replace it)", tpath)
+    if Path(input).resolve() == output.resolve() or (settings.treatment and
+                                                     Path(input).resolve() == treatment_path(output).resolve()):
+        raise MicrosnoopError("output would overwrite the input; choose another --output", output)
     df, feats, prov = read_profiles(input)
     if settings.features is None:
         settings.features = feats
@@ -88,6 +110,9 @@ def run_profile(input: str | Path, output: str | Path, settings: ProfileSettings
     prov = {**prov, "profiling": list(prov.get("profiling", [])) + steps, "profiling_input": str(input)}
     if command:
         prov["profiling_command"] = command
+    check_finite_features(wells, settings.features, output)
+    if treat is not None:
+        check_finite_features(treat, settings.features, treatment_path(output))
     out = {"profiles": write_profiles(output, wells, settings.features, prov)}
     if treat is not None:
         out["treatments"] = write_profiles(treatment_path(output), treat, settings.features, prov)

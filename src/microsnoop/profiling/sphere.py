@@ -77,7 +77,12 @@ def fit_sphering(x_ctrl: np.ndarray, epsilon: float | str = "knee") -> Sphering:
     std = x.std(axis=0)
     std = np.where(std > 0, std, 1.0)  # a constant feature is only centred (its correlation row is 0)
     z = (x - mean) / std
-    _, s, vt = np.linalg.svd(z, full_matrices=False)
+    if not np.isfinite(z).all():
+        raise MicrosnoopError("control profiles have NaN or inf features; sphering needs finite values")
+    try:
+        _, s, vt = np.linalg.svd(z, full_matrices=False)
+    except np.linalg.LinAlgError as exc:
+        raise MicrosnoopError(f"sphering failed on the control profiles ({exc}); check them for extreme values") from None
     lam = s ** 2 / (n - 1)
     knee = None
     if epsilon == "knee":
@@ -110,8 +115,10 @@ def sphere(df: pd.DataFrame, controls: str | None, by: Sequence[str] | None = No
     fits = []
     for rows in groups_of(df, by):
         c = rows[ctrl[rows]]
-        if len(c) == 0:
-            raise MicrosnoopError(f"a batch has no rows matching the controls {controls!r}")
+        where = ", ".join(f"{c_}={df[c_].iloc[rows[0]]}" for c_ in by) if by else "all rows"
+        if len(c) < 2:
+            raise MicrosnoopError(f"a batch ({where}) has {len(c)} row(s) matching the controls {controls!r}; "
+                                  f"sphering needs at least 2 (see --controls / --sphere-by)")
         sph = fit_sphering(x[c], epsilon)
         out[rows] = sph.transform(x[rows])
         rec = {"n_controls": sph.n_controls, "epsilon": sph.epsilon, "knee_index": sph.knee_index,
