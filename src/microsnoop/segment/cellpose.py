@@ -107,9 +107,11 @@ class CellposeForward(torch.nn.Module):
         return y.float(), style.float()
 
 
+@functools.lru_cache(maxsize=4)
 def network_engine(net: MicrosnoopUNet, engine: str | None, device: str, precision: str) -> torch.nn.Module:
     """The module :func:`run_network` runs: an optional engine (OpenVINO, ...) exporting
-    :class:`CellposeForward` with dynamic height and width, falling back to torch (reason logged)."""
+    :class:`CellposeForward` with dynamic height and width, falling back to torch (reason logged).
+    Shared by the segmenters of a process (the plate's size probe and its field loop compile once)."""
     from ..embed.backends import engine_module
 
     torch_fwd = CellposeForward(net, autocast=precision == "bf16").eval()
