@@ -77,7 +77,7 @@ def embed(
     tta: Optional[str] = typer.Option(None, "--tta", help="Test-time augmentation: none | rot4 | d8 (average over 4 rotations / 8 rotations+flips: exactly invariant, 4x / 8x slower). Default: the model's head."),
     levels: Optional[str] = typer.Option(None, "--levels", help="U-Net models: encoder levels pooled: all | last | 1-3 | 2+3. Default: the model's head."),
     pool: Optional[str] = typer.Option(None, "--pool", help="U-Net models: mean | max | meanmax pooling of each level. Default: the model's head."),
-    engine: str = typer.Option("auto", "--engine", help="CPU inference engine: auto (OpenVINO when installed - pip install 'microsnoop[fast]' - and validated at cosine >= 0.999 to fp32 on the first batch, else torch) | torch | openvino | onnxruntime."),
+    engine: str = typer.Option("auto", "--engine", help="CPU inference engine: auto (OpenVINO when installed - the package's 'fast' extra, which install.sh installs - and validated at cosine >= 0.999 to fp32 on the first batch, else torch) | torch | openvino | onnxruntime."),
 ) -> None:
     """Embed images: every channel separately, vectors concatenated in channel order (the model's dim per channel)."""
     from .embed import Embedder, embed_source
@@ -209,7 +209,7 @@ def plate(
     device: str = typer.Option("auto", "--device"),
     precision: str = typer.Option("fp32", "--precision", help="fp32 | bf16 | auto."),
     threads: Optional[int] = typer.Option(None, "--threads", help="CPU threads for torch (default: all available)."),
-    engine: str = typer.Option("auto", "--engine", help="CPU inference engine: auto (OpenVINO when installed - pip install 'microsnoop[fast]' - and validated at cosine >= 0.999 to fp32 on the first batch, else torch) | torch | openvino | onnxruntime."),
+    engine: str = typer.Option("auto", "--engine", help="CPU inference engine: auto (OpenVINO when installed - the package's 'fast' extra, which install.sh installs - and validated at cosine >= 0.999 to fp32 on the first batch, else torch) | torch | openvino | onnxruntime."),
     overwrite: bool = typer.Option(False, "--overwrite"),
 ) -> None:
     """A plate end to end: segment -> crop -> embed -> fields -> wells -> normalise/sphere -> report."""
@@ -243,7 +243,7 @@ def segment(
     truth: Optional[Path] = typer.Option(None, "--truth", help="(N, H, W) masks.npy to score against: object F1 at IoU 0.5."),
     segment_precision: str = typer.Option("auto", "--segment-precision", help="Cellpose network: auto | fp32 | bf16."),
     threads: Optional[int] = typer.Option(None, "--threads", help="CPU threads for torch."),
-    engine: str = typer.Option("auto", "--engine", help="CPU inference engine: auto (OpenVINO when installed - pip install 'microsnoop[fast]' - and validated at cosine >= 0.999 to fp32 on the first batch, else torch) | torch | openvino | onnxruntime."),
+    engine: str = typer.Option("auto", "--engine", help="CPU inference engine: auto (OpenVINO when installed - the package's 'fast' extra, which install.sh installs - and validated at cosine >= 0.999 to fp32 on the first batch, else torch) | torch | openvino | onnxruntime."),
     overwrite: bool = typer.Option(False, "--overwrite"),
 ) -> None:
     """Segment one channel of every image (Cellpose or classical) and write the label images."""

@@ -66,15 +66,10 @@ def installed(engine: str) -> bool:
 
 
 def engine_version(engine: str) -> str:
-    if engine == "openvino":
-        import openvino
+    """The installed package version (a path component of the cache: no build suffixes or slashes)."""
+    from importlib.metadata import version
 
-        return openvino.__version__
-    if engine == "onnxruntime":
-        import onnxruntime
-
-        return onnxruntime.__version__
-    return torch.__version__
+    return version(_PACKAGES[engine]) if engine in _PACKAGES else torch.__version__.split("+")[0]
 
 
 def cache_root() -> Path:
@@ -221,7 +216,8 @@ class EngineModule(torch.nn.Module):
         super().__init__()
         self.reference = reference.float().eval()
         self.fallback_module = fallback if fallback is not None else self.reference
-        self.engine, self.precision = engine, precision
+        # ONNX Runtime's CPU provider has no bf16 convolutions: it always runs fp32
+        self.engine, self.precision = engine, ("fp32" if engine == "onnxruntime" else precision)
         self.threads = int(threads or torch.get_num_threads())
         self.dynamic, self.min_cosine = tuple(dynamic), float(min_cosine)
         self.digest = module_digest(self.reference, head_config(self.reference))
@@ -243,9 +239,9 @@ class EngineModule(torch.nn.Module):
             return run
         t = time.perf_counter()
         example = x[:1].detach().float().contiguous()
-        run = COMPILERS[self.engine](self.reference, example, self.cache_entry(x.shape), self.precision,
-                                     self.threads, self.dynamic)
-        self._validate(x, run)
+        entry = self.cache_entry(x.shape)
+        run = COMPILERS[self.engine](self.reference, example, entry, self.precision, self.threads, self.dynamic)
+        self._validate(x, run, entry)
         if len(self._runs) >= MAX_SHAPES:
             self._runs.pop(next(iter(self._runs)))
         self._runs[key] = run
@@ -253,8 +249,17 @@ class EngineModule(torch.nn.Module):
                  self.precision, tuple(x.shape[1:]), time.perf_counter() - t, self.validation[_shape_tag(x)])
         return run
 
-    def _validate(self, x: torch.Tensor, run: Callable[[np.ndarray], list[np.ndarray]]) -> None:
-        """The engine's output on up to VALIDATE_PLANES of this (real) batch vs the fp32 torch module."""
+    def _validate(self, x: torch.Tensor, run: Callable[[np.ndarray], list[np.ndarray]], entry: Path) -> None:
+        """The engine's output on up to VALIDATE_PLANES of this (real) batch vs the fp32 torch module, on the
+        cache entry's first use; the result is kept in the entry (``validated.json``) for later runs."""
+        record = entry / f"validated-{self.precision}.json"
+        try:
+            done = json.loads(record.read_text())
+            if done.get("min_cosine", 0.0) >= self.min_cosine:
+                self.validation[_shape_tag(x)] = float(done["min_cosine"])
+                return
+        except (OSError, ValueError):
+            pass
         probe = x[:VALIDATE_PLANES].detach().float().contiguous()
         with torch.inference_mode():
             ref = _as_tuple(self.reference(probe))
@@ -266,6 +271,11 @@ class EngineModule(torch.nn.Module):
         if not worst >= self.min_cosine:
             raise EngineError(f"{self.engine} output at cosine {worst:.5f} < {self.min_cosine} to fp32 torch "
                               f"on the first batch of shape {tuple(x.shape[1:])}")
+        from ..io.atomic import atomic_path
+
+        with atomic_path(record) as tmp:
+            tmp.write_text(json.dumps({"min_cosine": worst, "planes": int(len(probe)), "shape": list(probe.shape[1:]),
+                                       "time": time.time()}))
 
     def forward(self, x: torch.Tensor):
         if self.failed is None:
