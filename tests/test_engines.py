@@ -19,8 +19,9 @@ needs_openvino = pytest.mark.skipif(not installed("openvino"), reason="openvino 
 
 @pytest.fixture(autouse=True)
 def engine_cache(tmp_path_factory, monkeypatch):
-    """One engine cache per test session, away from the user's ~/.cache."""
+    """One engine cache per test session, away from the user's ~/.cache; ``auto`` as users get it."""
     monkeypatch.setenv("MICROSNOOP_CACHE", str(tmp_path_factory.getbasetemp() / "msnoop-cache"))
+    monkeypatch.delenv("MICROSNOOP_ENGINE", raising=False)
 
 
 @pytest.fixture(scope="module")
@@ -39,6 +40,15 @@ def test_engine_option_checked_first():
     with pytest.raises(MicrosnoopError, match="unknown engine 'tensorrt'"):
         Embedder("random-init", device="cpu", engine="tensorrt")
     assert check_engine(None) == "auto" and check_engine("TORCH") == "torch"
+
+
+def test_auto_picks_openvino_when_installed_and_honours_the_environment(monkeypatch):
+    from microsnoop.embed.backends import resolve_engine
+
+    assert resolve_engine("auto", "cpu", "bf16")[0] == ("openvino" if installed("openvino") else "torch")
+    assert resolve_engine("auto", "cuda", "bf16")[0] == "torch"
+    monkeypatch.setenv("MICROSNOOP_ENGINE", "torch")
+    assert resolve_engine("auto", "cpu", "bf16") == ("torch", "MICROSNOOP_ENGINE=torch")
 
 
 def test_torch_engine_is_the_eager_path(yeast):

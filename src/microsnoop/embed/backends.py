@@ -320,8 +320,8 @@ def _like(x: torch.Tensor, module: torch.nn.Module) -> torch.Tensor:
 
 
 def resolve_engine(engine: str | None, device: torch.device | str, precision: str) -> tuple[str, str]:
-    """(engine to try, reason) for this device and precision: ``auto`` = the first installed of
-    :data:`AUTO_ORDER` on CPU, else torch; explicit engines other than torch need the CPU."""
+    """(engine to try, reason) for this device and precision: ``auto`` = ``$MICROSNOOP_ENGINE`` when set,
+    else the first installed of :data:`AUTO_ORDER` on CPU, else torch; engines other than torch need the CPU."""
     engine = check_engine(engine)
     dev = torch.device(device).type if not isinstance(device, torch.device) else device.type
     if engine == "torch":
@@ -334,6 +334,9 @@ def resolve_engine(engine: str | None, device: torch.device | str, precision: st
         return "torch", "fp16 is not a CPU engine precision"
     if engine != "auto":
         return engine, "asked for"
+    env = os.environ.get("MICROSNOOP_ENGINE", "").strip().lower()
+    if env and env != "auto":  # a site- or test-wide default for auto
+        return resolve_engine(env, device, precision)[0], f"MICROSNOOP_ENGINE={env}"
     for name in AUTO_ORDER:
         if installed(name):
             return name, "auto: installed"
