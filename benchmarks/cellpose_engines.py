@@ -4,11 +4,13 @@
         [--plate ../shared/data/plates/bbbc013] [--channel DNA] [--repeats 2]
 
 For each field (the segment channel, 640 x 640 uint8) every engine segments it with the default
-settings (precision auto, size estimated per image: the plate command's segmentation stage). The
+settings (precision auto) at one object diameter for the plate, as the plate command's segmentation
+stage does (it estimates the size on a few fields, then fixes it): ``--diameter``, else estimated
+by the first engine on the first field. The
 engines are alternated field by field and repeat by repeat (the machine is shared: only ratios
 measured in one run mean anything); each engine's best time per field is kept. Reported: seconds
 per field for the whole segmentation and for one network pass at scale 1 (the part the engine
-replaces), the speed-up over the first engine (today's torch path), and object F1 at IoU 0.5 of each
+replaces, at the segmentation's scale), the speed-up over the first engine (today's torch path), and object F1 at IoU 0.5 of each
 engine's masks against the first engine's (pooled over fields). The engines' one-off export and
 compile time (cached on disk afterwards) is reported separately, not counted in the per-field time.
 """
@@ -43,6 +45,7 @@ def main() -> None:
     ap.add_argument("--engines", default="torch,openvino")
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--precision", default="auto")
+    ap.add_argument("--diameter", type=float, default=None, help="object diameter (px); default: estimated once")
     args = ap.parse_args()
     if not (args.plate / "manifest.csv").exists():
         raise SystemExit(f"no plate at {args.plate} (needs manifest.csv)")
@@ -59,13 +62,20 @@ def main() -> None:
     print(f"{len(fields)} fields of {args.plate.name} ({args.channel}, {fields[0][1].shape}); torch {torch.__version__}, "
           f"{threads} threads; load average at start {' '.join(f'{x:.2f}' for x in os.getloadavg())}", flush=True)
     segs, setup = {}, {}
+    diameter = args.diameter
     for e in engines:
         t = time.perf_counter()
         segs[e] = CellposeSegmenter(precision=args.precision, engine=e)
-        run_network(segs[e].runner, fields[0][1], 1.0, segs[e].precision)  # export/compile/validate (cached after)
+        if e != "torch":
+            run_network(segs[e].runner, fields[0][1], 1.0, segs[e].precision)  # export/compile/validate (cached after)
         setup[e] = time.perf_counter() - t
+        if diameter is None:
+            diameter = segs[e].estimate_diameter(fields[0][1])
+            print(f"  diameter estimated by {e} on the first field: {diameter:.1f} px", flush=True)
         print(f"  {e}: ready in {setup[e]:.1f} s (engine that runs: {segs[e].engine}, precision {segs[e].precision})",
               flush=True)
+    for s in segs.values():
+        s.diameter = diameter
     seg_t = {e: [np.inf] * len(fields) for e in engines}
     net_t = {e: [np.inf] * len(fields) for e in engines}
     masks: dict[str, list] = {e: [None] * len(fields) for e in engines}
@@ -75,7 +85,7 @@ def main() -> None:
             for e in order:
                 s = segs[e]
                 t = time.perf_counter()
-                run_network(s.runner, img, 1.0, s.precision)
+                run_network(s.runner, img, 30.0 / diameter, s.precision)
                 net_t[e][i] = min(net_t[e][i], time.perf_counter() - t)
                 t = time.perf_counter()
                 m = s(img)
@@ -84,7 +94,7 @@ def main() -> None:
         print(f"  repeat {r + 1}/{args.repeats} done; load {os.getloadavg()[0]:.2f}", flush=True)
     base = engines[0]
     print()
-    print(f"| engine | runs as | segmentation s/field | speed-up vs {base} | network pass s (scale 1) | "
+    print(f"| engine | runs as | segmentation s/field | speed-up vs {base} | network pass s | "
           f"network speed-up | objects | F1@0.5 vs {base} | one-off set-up s |")
     print("|---|---|---|---|---|---|---|---|---|")
     for e in engines:

@@ -155,3 +155,11 @@ def test_cellpose_openvino_masks_match_torch(shared_data):
     res = match_masks(a, b, 0.5)
     f1 = 2 * res.tp / (2 * res.tp + res.fp + res.fn)
     assert a.max() > 20 and f1 >= 0.99, (a.max(), b.max(), f1)
+
+
+def test_cli_rejects_unknown_engine_before_work(yeast, tmp_path, capsys):
+    from conftest import run_cli
+
+    out = tmp_path / "e.parquet"
+    code, so, se = run_cli(["embed", str(yeast / "images.npy"), "-o", str(out), "--engine", "tensorrt"], capsys)
+    assert code == 2 and "unknown engine 'tensorrt'" in so + se and not out.exists()

@@ -81,8 +81,10 @@ def embed(
 ) -> None:
     """Embed images: every channel separately, vectors concatenated in channel order (the model's dim per channel)."""
     from .embed import Embedder, embed_source
+    from .embed.backends import check_engine
     from .io import open_source
 
+    check_engine(engine)  # options before reading anything
     src = open_source(input, channels=_split(channels), channel_names=_split(channel_names),
                       path_columns=_split(path_columns), channel_index=[int(i) for i in _split(channel_index) or []],
                       metadata=metadata)

@@ -43,6 +43,7 @@ ENGINES = ("auto", "torch", "openvino", "onnxruntime")
 AUTO_ORDER = ("openvino",)
 MIN_COSINE = 0.999
 VALIDATE_PLANES = 4  # planes of the first batch re-run in fp32 torch to validate an engine
+VALIDATE_SIDE = 256  # side of the centre crop validated when height and width are dynamic (fields)
 MAX_SHAPES = 8  # compiled input shapes kept per module (whole fields of many sizes would grow without bound)
 _PACKAGES = {"openvino": "openvino", "onnxruntime": "onnxruntime"}
 
@@ -263,7 +264,12 @@ class EngineModule(torch.nn.Module):
                 return
         except (OSError, ValueError):
             pass
-        probe = x[:VALIDATE_PLANES].detach().float().contiguous()
+        probe = x[:VALIDATE_PLANES].detach().float()
+        if 2 in self.dynamic and 3 in self.dynamic:  # whole fields: a real centre crop keeps the fp32 pass short
+            h, w = (min(VALIDATE_SIDE, d - d % 16) or d for d in x.shape[2:])
+            y0, x0 = (x.shape[2] - h) // 2, (x.shape[3] - w) // 2
+            probe = probe[..., y0:y0 + h, x0:x0 + w]
+        probe = probe.contiguous()
         with torch.inference_mode():
             ref = _as_tuple(self.reference(probe))
         got = run(np.ascontiguousarray(probe.numpy()))
