@@ -9,7 +9,7 @@ stage does (it estimates the size on a few fields, then fixes it): ``--diameter`
 by the first engine on the first field. The
 engines are alternated field by field and repeat by repeat (the machine is shared: only ratios
 measured in one run mean anything); each engine's best time per field is kept. Reported: seconds
-per field for the whole segmentation and for one network pass at scale 1 (the part the engine
+per field for the whole segmentation and for one network pass (the part the engine
 replaces, at the segmentation's scale), the speed-up over the first engine (today's torch path), and object F1 at IoU 0.5 of each
 engine's masks against the first engine's (pooled over fields). The engines' one-off export and
 compile time (cached on disk afterwards) is reported separately, not counted in the per-field time.
