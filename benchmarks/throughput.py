@@ -229,6 +229,7 @@ def main() -> None:
     ap.add_argument("--engines", default="eager,compile,openvino,onnxruntime",
                     help="engines compared encoder-only (eager, compile, openvino, onnxruntime; '' to skip)")
     ap.add_argument("--sizes", default="64,96,224", help="image sizes (px) to measure")
+    ap.add_argument("--images", type=int, default=None, help="images per size (default: by size; --quick: fewer)")
     ap.add_argument("--skip-e2e", action="store_true", help="only the engine comparison")
     args = ap.parse_args()
     if args.rss_child:
@@ -247,7 +248,7 @@ def main() -> None:
     print(f"torch.matmul 2048^3 peak: fp32 {peaks['fp32']:.0f} GFLOP/s, bf16 {peaks['bf16']:.0f} GFLOP/s")
 
     counts = {64: 256, 96: 128, 224: 32} if args.quick else {64: 1024, 96: 512, 224: 96}
-    counts = {s: n for s, n in counts.items() if str(s) in args.sizes.split(",")}
+    counts = {s: args.images or n for s, n in counts.items() if str(s) in args.sizes.split(",")}
     engines = [e.strip() for e in args.engines.split(",") if e.strip()]
     if engines:
         erows = engine_rows(args.model, "bf16" if args.precision == "auto" else args.precision, engines,
