@@ -169,11 +169,17 @@ def engine_rows(model: str, precision: str, engines: list[str], sizes: dict[int,
         for name, ips in best.items():
             runs = embs[name][0].engine if name not in ("eager", "compile") else "torch"
             rows.append((size, name, runs, ips, ips / base, gf * ips / peaks["bf16"], cos[name], embs[name][1]))
+            print_engine_rows(rows[-1:], header=len(rows) == 1)  # as measured: a long run may be cut short
         print(f"  engines measured at {size} px; load {os.getloadavg()[0]:.2f}", file=sys.stderr, flush=True)
     return rows
 
 
-def print_engine_rows(rows: list[tuple]) -> None:
+def print_engine_rows(rows: list[tuple], header: bool = True) -> None:
+    if not header:
+        for size, name, runs, ips, ratio, frac, cos, setup in rows:
+            print(f"| {size} px | {name} | {runs} | {ips:.1f} | {ratio:.2f}x | {frac:.0%} | {cos:.6f} | {setup:.0f} |",
+                  flush=True)
+        return
     print("| size | engine | runs as | encoder img/s | vs eager | of bf16 matmul peak | min cosine to fp32 | "
           "set-up s (export+compile+validate, all sizes so far) |")
     print("|---|---|---|---|---|---|---|---|")
@@ -254,7 +260,7 @@ def main() -> None:
         erows = engine_rows(args.model, "bf16" if args.precision == "auto" else args.precision, engines,
                             counts, args.repeats, peaks)
         print()
-        print_engine_rows(erows)
+        print_engine_rows(erows)  # all rows again, together
         print(f"(load average after the engine comparison {' '.join(f'{x:.2f}' for x in os.getloadavg())})", flush=True)
     if args.skip_e2e:
         return
