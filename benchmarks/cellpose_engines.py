@@ -87,9 +87,11 @@ def main() -> None:
                 t = time.perf_counter()
                 run_network(s.runner, img, 30.0 / diameter, s.precision)
                 net_t[e][i] = min(net_t[e][i], time.perf_counter() - t)
+                print(f"    field {i} {e}: network pass {time.perf_counter() - t:.1f} s", flush=True)
                 t = time.perf_counter()
                 m = s(img)
                 seg_t[e][i] = min(seg_t[e][i], time.perf_counter() - t)
+                print(f"    field {i} {e}: segmentation {seg_t[e][i]:.1f} s, {int(m.max())} objects", flush=True)
                 masks[e][i] = m
         print(f"  repeat {r + 1}/{args.repeats} done; load {os.getloadavg()[0]:.2f}", flush=True)
     base = engines[0]
