@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -7,6 +8,9 @@ import numpy as np
 import pytest
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+# the suite checks torch's numerics unless a test asks for an engine (tests/test_engines.py covers
+# engine=auto and the optional engines); exports would otherwise be compiled for every new shape
+os.environ.setdefault("MICROSNOOP_ENGINE", "torch")
 
 
 @pytest.fixture(scope="session")

@@ -104,22 +104,25 @@ def embed(
     tta: Optional[str] = typer.Option(None, "--tta", help="Test-time augmentation: none | rot4 | d8 (average over 4 rotations / 8 rotations+flips: exactly invariant, 4x / 8x slower). Default: the model's head."),
     levels: Optional[str] = typer.Option(None, "--levels", help="U-Net models: encoder levels pooled: all | last | 1-3 | 2+3. Default: the model's head."),
     pool: Optional[str] = typer.Option(None, "--pool", help="U-Net models: mean | max | meanmax pooling of each level. Default: the model's head."),
+    engine: str = typer.Option("auto", "--engine", help="CPU inference engine: auto (= torch, or $MICROSNOOP_ENGINE) | torch | openvino | onnxruntime (opt-in, from the 'fast' extra that install.sh installs; each export is validated at cosine >= 0.999 to fp32 on its first batch, else torch runs)."),
 ) -> None:
     """Embed images: every channel separately, vectors concatenated in channel order (the model's dim per channel)."""
     from .embed import Embedder, embed_source
+    from .embed.backends import check_engine
     from .io import open_source
 
     from .io.writers import format_for
 
     format_for(output, fmt)
     _check_out(output)
+    check_engine(engine)  # options before reading anything
     src = open_source(input, channels=_split(channels), channel_names=_split(channel_names),
                       path_columns=_split(path_columns), channel_index=_int_list(channel_index, "--channel-index"),
                       metadata=metadata)
     emb = Embedder(model, device=device, precision=precision, batch_size=batch_size, threads=threads,
-                   tta=tta, levels=levels, pool=pool)
-    log.info("model %s (sha256 %s), device %s, precision %s, tta %s", emb.encoder.name, emb.encoder.sha256[:12],
-             emb.device, emb.precision, emb.encoder.tta)
+                   tta=tta, levels=levels, pool=pool, engine=engine)
+    log.info("model %s (sha256 %s), device %s, precision %s, tta %s, engine %s", emb.encoder.name,
+             emb.encoder.sha256[:12], emb.device, emb.precision, emb.encoder.tta, emb.engine_choice)
     prog, advance = progress_bar(len(src), "embedding")
     with prog:
         out = embed_source(src, output, fmt=fmt, chunk_size=chunk_size, resume=resume, overwrite=overwrite,
@@ -245,6 +248,7 @@ def plate(
     device: str = typer.Option("auto", "--device"),
     precision: str = typer.Option("fp32", "--precision", help="fp32 | bf16 | auto."),
     threads: Optional[int] = typer.Option(None, "--threads", help="CPU threads for torch (default: all available)."),
+    engine: str = typer.Option("auto", "--engine", help="CPU inference engine: auto (= torch, or $MICROSNOOP_ENGINE) | torch | openvino | onnxruntime (opt-in, from the 'fast' extra that install.sh installs; each export is validated at cosine >= 0.999 to fp32 on its first batch, else torch runs)."),
     overwrite: bool = typer.Option(False, "--overwrite"),
 ) -> None:
     """A plate end to end: segment -> crop -> embed -> fields -> wells -> normalise/sphere -> report."""
@@ -272,7 +276,7 @@ def plate(
                       positive=positive or None, normalize=normalize, sphere=sphere, treatment=_split(treatment),
                       fmt=fmt, save_cells=save_cells, masks=masks, centres=str(centres) if centres else None,
                       centre_size=centre_size, keep_border=keep_border, preview=preview, save_masks=save_masks,
-                      threads=threads, segment_precision=segment_precision)
+                      threads=threads, segment_precision=segment_precision, engine=engine)
     from .io.readers import read_csv
 
     n_fields = len(read_csv(manifest)) if manifest.exists() else 0
@@ -294,6 +298,7 @@ def segment(
     truth: Optional[Path] = typer.Option(None, "--truth", help="(N, H, W) masks.npy to score against: object F1 at IoU 0.5."),
     segment_precision: str = typer.Option("auto", "--segment-precision", help="Cellpose network: auto | fp32 | bf16."),
     threads: Optional[int] = typer.Option(None, "--threads", help="CPU threads for torch."),
+    engine: str = typer.Option("auto", "--engine", help="CPU inference engine: auto (= torch, or $MICROSNOOP_ENGINE) | torch | openvino | onnxruntime (opt-in, from the 'fast' extra that install.sh installs; each export is validated at cosine >= 0.999 to fp32 on its first batch, else torch runs)."),
     overwrite: bool = typer.Option(False, "--overwrite"),
 ) -> None:
     """Segment one channel of every image (Cellpose or classical) and write the label images."""
@@ -310,7 +315,7 @@ def segment(
     bar, advance = progress_bar(n, "segment")
     with bar:
         summary = segment_to_folder(input, output, channel, segmenter, diameter, truth, overwrite,
-                                    precision=segment_precision, progress=advance)
+                                    precision=segment_precision, progress=advance, engine=engine)
     msg = f"{summary['objects_found']} objects in {summary['n_images']} images -> {output}"
     if "iou_0.5" in summary:
         m = summary["iou_0.5"]

@@ -24,7 +24,8 @@ from ..io.images import MAX_ABS_PIXEL, MIN_SIDE
 from ..models import ChannelEncoder, create_model
 from ..models.registry import apply_head
 from ..models.heads import TTAModule
-from .fused import fast_module
+from .backends import check_engine, engine_module
+from .fused import FusedUNetEncoder, fast_module
 from .normalize import normalize_percentile
 
 log = logging.getLogger("microsnoop")
@@ -182,7 +183,8 @@ class Embedder:
 
     def __init__(self, model: str | ChannelEncoder | None = None, device: str | torch.device = "auto",
                  precision: str = "fp32", batch_size: int | None = None, threads: int | None = None,
-                 tta: str | None = None, levels: Any = None, pool: str | None = None):
+                 tta: str | None = None, levels: Any = None, pool: str | None = None, engine: str | None = "auto"):
+        self.engine_choice = check_engine(engine)  # options first: an unknown/uninstalled engine fails before loading
         self.device = resolve_device(device)
         if self.device.type == "cpu":
             configure_threads(threads)
@@ -194,6 +196,7 @@ class Embedder:
         if self.batch_size is not None and self.batch_size < 1:
             raise MicrosnoopError("--batch-size must be at least 1")
         self._module: torch.nn.Module | None = None
+        self._engine: torch.nn.Module | None = None  # backends.EngineModule when an optional engine runs
         self._autocast = self.precision != "fp32"
 
     @property
@@ -205,16 +208,44 @@ class Embedder:
         """The optimised module (built on first use, so weights loaded after construction count)."""
         if self._module is None:
             self._module, self._autocast = fast_module(self.encoder, self.device, self.precision)
+            self._engine = self._engine_for(self._module)
+            if self._engine is not None:
+                self._module, self._autocast = self._engine, False
             if self.encoder.tta != "none":
                 self._module = TTAModule(self._module, self.encoder.tta)
         return self._module
 
+    def _engine_for(self, module: torch.nn.Module) -> torch.nn.Module | None:
+        """The optional engine (OpenVINO, ONNX Runtime) running ``module``, or None for torch (reason logged).
+
+        The engine exports the fp32 version of exactly this module (folded U-Net, head, projections) and
+        falls back to ``module`` itself if it fails or its first batch is not within cosine 0.999 of fp32."""
+        if self.engine_choice == "torch" or self.device.type != "cpu":
+            return None
+        if not isinstance(module, FusedUNetEncoder):
+            log.info("engine: torch (the optional engines are validated for the U-Net encoders only)")
+            return None
+        reference = module if self.precision == "fp32" else fast_module(self.encoder, self.device, "fp32")[0]
+        return engine_module(reference, self.engine_choice, self.device, self.precision, fallback=module,
+                             threads=torch.get_num_threads())
+
+    @property
+    def engine(self) -> str:
+        """The engine that runs (or ran) the encoder: torch, openvino or onnxruntime."""
+        _ = self.module
+        return self._engine.name if self._engine is not None else "torch"
+
     def refresh(self) -> None:
         """Rebuild the optimised module after the encoder's weights changed (e.g. during training)."""
         self._module = None
+        self._engine = None
 
     def provenance(self) -> dict[str, Any]:
-        return {**self.encoder.provenance(), "precision": self.precision, "device": str(self.device.type)}
+        prov = {**self.encoder.provenance(), "precision": self.precision, "device": str(self.device.type),
+                "engine": self.engine}
+        if self._engine is not None and self._engine.validation:
+            prov["engine_min_cosine_to_fp32"] = min(self._engine.validation.values())
+        return prov
 
     def batch_for(self, h: int, w: int) -> int:
         """Planes per forward pass: ``batch_size`` if given, else about BATCH_PIXELS pixels (256 planes
@@ -311,7 +342,7 @@ class Prepared:
 
 def embed_images(images: np.ndarray | Sequence[np.ndarray], model: str | ChannelEncoder | None = None, *,
                  batch_size: int | None = None, device: str = "auto", precision: str = "fp32",
-                 tta: str | None = None) -> np.ndarray:
+                 tta: str | None = None, engine: str | None = "auto") -> np.ndarray:
     """Embed images in memory: (N, C, H, W) or a list of (C, H, W) -> (N, C * dim) float32.
 
     >>> import microsnoop, numpy as np
@@ -320,4 +351,5 @@ def embed_images(images: np.ndarray | Sequence[np.ndarray], model: str | Channel
     """
     if isinstance(images, np.ndarray) and images.ndim == 3:
         images = images[None]
-    return Embedder(model, device=device, precision=precision, batch_size=batch_size, tta=tta).embed(images)
+    return Embedder(model, device=device, precision=precision, batch_size=batch_size, tta=tta,
+                    engine=engine).embed(images)

@@ -53,6 +53,7 @@ class FieldOptions:
     skip_border: bool = True
     centre_size: int | None = None       # crop side for cells given as centres (None: 2 * diameter or 32)
     segment_precision: str = "auto"      # cellpose network: auto (bf16 where native) | fp32 | bf16
+    engine: str = "auto"                 # cellpose network: auto | torch | openvino | onnxruntime
 
     def centre_side(self) -> int:
         """Box side (px) of a cell given by its centre: ``centre_size``, else twice the diameter, else 32."""
@@ -72,6 +73,9 @@ class FieldOptions:
             raise MicrosnoopError("--rescale-constant must be positive")
         if self.diameter is not None and self.diameter <= 0:
             raise MicrosnoopError("--diameter must be positive")
+        from ..embed.backends import check_engine
+
+        self.engine = check_engine(self.engine)  # before any expensive work
         return self
 
 
@@ -105,7 +109,7 @@ class FieldEmbedder:
             from ..segment import get_segmenter
 
             self._segment = get_segmenter(self.opts.segmenter, self.opts.diameter, device=str(self.embedder.device),
-                                          precision=self.opts.segment_precision)
+                                          precision=self.opts.segment_precision, engine=self.opts.engine)
         return self._segment
 
     def provenance(self) -> dict[str, Any]:
@@ -250,7 +254,8 @@ def plate_fields(manifest: str | Path, s: Any, progress: Callable[[int], None] |
                         crop_size=s.crop_size, max_cells=s.max_cells, seed=s.seed,
                         skip_border=not getattr(s, "keep_border", False),
                         centre_size=getattr(s, "centre_size", None),
-                        segment_precision=getattr(s, "segment_precision", "auto")).check()
+                        segment_precision=getattr(s, "segment_precision", "auto"),
+                        engine=getattr(s, "engine", "auto")).check()
     probe = ManifestSource(manifest)
     available = list(probe.channel_names)
     embed_ch = list(s.channels) if s.channels else available
@@ -281,14 +286,15 @@ def plate_fields(manifest: str | Path, s: Any, progress: Callable[[int], None] |
 
         centres = load_centres(s.centres, meta)
     embedder = Embedder(s.model, device=s.device, precision=s.precision, batch_size=s.batch_size,
-                        threads=getattr(s, "threads", None))
+                        threads=getattr(s, "threads", None), engine=getattr(s, "engine", "auto"))
     seg_index = opened.index(seg_ch) if needs_seg else 0
     diameter_note = None
     if needs_seg and opts.segmenter == "cellpose" and opts.diameter is None and mask_files is None:
         # one magnification per plate: estimate the size on a few fields spread over it, then fix it
         from ..segment import get_segmenter
 
-        probe_seg = get_segmenter("cellpose", None, device=str(embedder.device), precision=opts.segment_precision)
+        probe_seg = get_segmenter("cellpose", None, device=str(embedder.device), precision=opts.segment_precision,
+                                  engine=opts.engine)
         picks = sorted(set(np.linspace(0, len(meta) - 1, min(ESTIMATE_FIELDS, len(meta))).round().astype(int)))
         diams = [probe_seg.estimate_diameter(src.read_one(int(i))[seg_index]) for i in picks]
         opts.diameter = float(np.median(diams))
@@ -437,7 +443,7 @@ def embed_fields_dataset(set_path: str | Path, embedder: Any, mode: str = "crop"
 def segment_to_folder(source: str | Path, output: str | Path, channel: str | None = None,
                       segmenter: str = "cellpose", diameter: float | None = None, truth: str | Path | None = None,
                       overwrite: bool = False, device: str = "cpu", precision: str = "auto",
-                      progress: Callable[[int], None] | None = None) -> dict[str, Any]:
+                      progress: Callable[[int], None] | None = None, engine: str | None = "auto") -> dict[str, Any]:
     """Segment one channel of every image of any input and write the label images to ``output``:
     ``masks.npy`` (N, H, W) for array inputs (usable as a set's masks.npy), else one
     ``<segmented file stem>.tif`` per image (usable as ``plate --masks``). With ``truth`` (a
@@ -454,7 +460,7 @@ def segment_to_folder(source: str | Path, output: str | Path, channel: str | Non
         source = source / "images.npy"
     if output.exists() and not overwrite:
         raise MicrosnoopError("output already exists (use --overwrite to replace it)", output)
-    seg = get_segmenter(segmenter, diameter, device=device, precision=precision)
+    seg = get_segmenter(segmenter, diameter, device=device, precision=precision, engine=engine)
     src = open_source(source)
     names = list(src.channel_names)
     if isinstance(src, ArraySource):

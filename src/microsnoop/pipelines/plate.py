@@ -51,6 +51,7 @@ class PlateSettings:
     save_masks: bool = False                          # keep each field's label image (masks/<field>.tif)
     threads: int | None = None                        # torch CPU threads (None: all this process may use)
     segment_precision: str = "auto"                   # Cellpose network: auto (bf16 where native) | fp32 | bf16
+    engine: str = "auto"                              # CPU inference engine: auto | torch | openvino | onnxruntime
     diameter: float | None = None
     mode: str = "crop"                                # crop | rescale | tile
     rescale_constant: float | None = None             # None: the crop module's default

@@ -16,14 +16,15 @@ SEGMENTERS = ("cellpose", "classical")
 
 
 def get_segmenter(name: str, diameter: float | None = None, device: str = "cpu",
-                  precision: str = "auto") -> Callable[[np.ndarray], np.ndarray]:
+                  precision: str = "auto", engine: str | None = "auto") -> Callable[[np.ndarray], np.ndarray]:
     """A function (H, W) image -> (H, W) int32 labels for a segmenter name; unknown names are a user error.
 
-    ``precision`` (cellpose): auto = bf16 where native, else fp32."""
+    ``precision`` (cellpose): auto = bf16 where native, else fp32. ``engine`` (cellpose): auto | torch |
+    openvino | onnxruntime (see :mod:`microsnoop.embed.backends`)."""
     if name == "cellpose":
         from .cellpose import CellposeSegmenter
 
-        return CellposeSegmenter(diameter=diameter, device=device, precision=precision)
+        return CellposeSegmenter(diameter=diameter, device=device, precision=precision, engine=engine)
     if name == "classical":
         from .classical import segment_classical
 

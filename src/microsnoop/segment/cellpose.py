@@ -90,7 +90,37 @@ def load_size_model() -> dict[str, np.ndarray]:
     return {k: np.asarray(v, dtype=np.float64) for k, v in d.items()}
 
 
-def run_network(net: MicrosnoopUNet, image: np.ndarray, rescale: float = 1.0, precision: str = "fp32"
+class CellposeForward(torch.nn.Module):
+    """The Cellpose network as one module on a padded (B, 2, H, W) input -> (outputs (B, 3, H, W), style (B, 256)):
+    what an optional engine exports. ``autocast`` runs it under bf16 autocast (today's torch path)."""
+
+    def __init__(self, net: MicrosnoopUNet, autocast: bool = False):
+        super().__init__()
+        self.net, self.autocast = net, autocast
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        ctx = torch.autocast(x.device.type, dtype=torch.bfloat16) if self.autocast else contextlib.nullcontext()
+        with ctx:
+            feats = self.net.encoder(x)
+            style = self.net.make_style(feats[-1])
+            y = self.net.output(self.net.decoder(feats, style))
+        return y.float(), style.float()
+
+
+@functools.lru_cache(maxsize=4)
+def network_engine(net: MicrosnoopUNet, engine: str | None, device: str, precision: str) -> torch.nn.Module:
+    """The module :func:`run_network` runs: an optional engine (OpenVINO, ...) exporting
+    :class:`CellposeForward` with dynamic height and width, falling back to torch (reason logged).
+    Shared by the segmenters of a process (the plate's size probe and its field loop compile once)."""
+    from ..embed.backends import engine_module
+
+    torch_fwd = CellposeForward(net, autocast=precision == "bf16").eval()
+    eng = engine_module(CellposeForward(net).eval(), engine, device, precision, fallback=torch_fwd,
+                        threads=torch.get_num_threads(), dynamic=(0, 2, 3))
+    return eng if eng is not None else torch_fwd
+
+
+def run_network(net: MicrosnoopUNet | torch.nn.Module, image: np.ndarray, rescale: float = 1.0, precision: str = "fp32"
                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(H, W) image -> flows (2, h, w), cell-probability logits (h, w), style (256,), at the network scale.
 
@@ -98,20 +128,20 @@ def run_network(net: MicrosnoopUNet, image: np.ndarray, rescale: float = 1.0, pr
     scale (h = round(H * rescale)), where the flow dynamics' step count is calibrated.
     """
     x = normalize_percentile(np.asarray(image, dtype=np.float32)[None])[0]
+    if isinstance(net, MicrosnoopUNet):
+        net = CellposeForward(net, autocast=precision == "bf16")
     dev = next(net.parameters()).device
     t = torch.from_numpy(x)[None, None].to(dev)
     if abs(rescale - 1.0) > 1e-3:
         size = (max(16, int(round(x.shape[0] * rescale))), max(16, int(round(x.shape[1] * rescale))))
         t = F.interpolate(t, size=size, mode="bilinear", align_corners=False, antialias=rescale < 1)
     t = torch.cat([t, torch.zeros_like(t)], dim=1)  # Cellpose's grayscale input: [image, 0]
-    ctx = torch.autocast(dev.type, dtype=torch.bfloat16) if precision == "bf16" else contextlib.nullcontext()
-    with torch.inference_mode(), ctx:
+    with torch.inference_mode():
         h, w = t.shape[-2:]
         ph, pw = (-h) % 16, (-w) % 16
         tp = F.pad(t, (pw // 2, pw - pw // 2, ph // 2, ph - ph // 2)).contiguous(memory_format=torch.channels_last)
-        feats = net.encoder(tp)
-        style = net.make_style(feats[-1])
-        y = net.output(net.decoder(feats, style))[..., ph // 2:ph // 2 + h, pw // 2:pw // 2 + w]
+        y, style = net(tp)
+        y = y[..., ph // 2:ph // 2 + h, pw // 2:pw // 2 + w]
     y = y[0].float().cpu().numpy()
     return y[:2], y[2], style[0].float().cpu().numpy()
 
@@ -129,7 +159,10 @@ class CellposeSegmenter:
 
     def __init__(self, diameter: float | None = None, device: str = "cpu", niter: int = 200,
                  cellprob_threshold: float = 0.0, flow_threshold: float = 0.4, min_size: int = 15,
-                 precision: str = "auto"):
+                 precision: str = "auto", engine: str | None = "auto"):
+        from ..embed.backends import check_engine
+
+        engine = check_engine(engine)
         if diameter is not None and diameter <= 0:
             raise MicrosnoopError("--diameter must be positive")
         self.diameter, self.device = diameter, device
@@ -137,7 +170,13 @@ class CellposeSegmenter:
         self.flow_threshold, self.min_size = flow_threshold, min_size
         self.net = load_cellpose_network(str(device))
         self.precision = resolve_segment_precision(precision, str(device))
+        self.runner = network_engine(self.net, engine, str(device), self.precision)
         self.last_diameter: float | None = None
+
+    @property
+    def engine(self) -> str:
+        """The engine running the network: torch, openvino (or 'openvino, then torch' after a failure)."""
+        return getattr(self.runner, "name", "torch")
 
     def provenance(self) -> dict:
         from ..models.cellpose import CELLPOSE_SHA256
@@ -145,7 +184,8 @@ class CellposeSegmenter:
         return {"segmenter": "cellpose", "weights": "scellseg 0.1.8 pretrained_models/cellpose",
                 "weights_sha256": CELLPOSE_SHA256, "diameter": self.diameter or "estimated per image (style size model, then median mask diameter)",
                 "niter": self.niter, "cellprob_threshold": self.cellprob_threshold,
-                "flow_threshold": self.flow_threshold, "min_size": self.min_size, "precision": self.precision}
+                "flow_threshold": self.flow_threshold, "min_size": self.min_size, "precision": self.precision,
+                "engine": self.engine}
 
     def estimate_diameter(self, image: np.ndarray) -> float:
         """The object diameter (px) this segmenter would estimate for ``image`` (see :meth:`flows`)."""
@@ -171,15 +211,15 @@ class CellposeSegmenter:
         within 10 % of the one needed)."""
         if self.diameter is not None:
             rescale = DIAM_MEAN / self.diameter
-            dP, cp, _ = run_network(self.net, image, rescale, self.precision)
+            dP, cp, _ = run_network(self.runner, image, rescale, self.precision)
             self.last_diameter = float(self.diameter)
             return dP, cp, rescale, None
-        dP, cp, style = run_network(self.net, image, 1.0, self.precision)
+        dP, cp, style = run_network(self.runner, image, 1.0, self.precision)
         rescale = 1.0
         diam = estimate_diameter(style)
         if abs(DIAM_MEAN / diam - rescale) > 0.1:
             rescale = DIAM_MEAN / diam
-            dP, cp, _ = run_network(self.net, image, rescale, self.precision)
+            dP, cp, _ = run_network(self.runner, image, rescale, self.precision)
         masks = self._masks(dP, cp, rescale)
         if masks.max() > 0:
             areas = np.bincount(masks.ravel())[1:]
@@ -188,7 +228,7 @@ class CellposeSegmenter:
         self.last_diameter = diam
         if final_pass and abs(DIAM_MEAN / diam - rescale) > 0.1 * rescale:
             rescale = DIAM_MEAN / diam
-            dP, cp, _ = run_network(self.net, image, rescale, self.precision)
+            dP, cp, _ = run_network(self.runner, image, rescale, self.precision)
             masks = None
         return dP, cp, rescale, masks
 

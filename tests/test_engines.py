@@ -1,0 +1,167 @@
+"""Optional inference engines (embed/backends.py): same vectors as fp32 torch on real cells, same benchmark
+scores, heads and TTA reproduced, cache keys, and a loud fallback to torch."""
+from __future__ import annotations
+
+import json
+import logging
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from microsnoop.embed import Embedder
+from microsnoop.embed.backends import EngineModule, check_engine, cosine_rows, installed
+from microsnoop.errors import MicrosnoopError
+
+needs_openvino = pytest.mark.skipif(not installed("openvino"), reason="openvino not installed (pip install 'microsnoop[fast]')")
+
+
+@pytest.fixture(autouse=True)
+def engine_cache(tmp_path_factory, monkeypatch):
+    """One engine cache per test session, away from the user's ~/.cache; ``auto`` as users get it."""
+    monkeypatch.setenv("MICROSNOOP_CACHE", str(tmp_path_factory.getbasetemp() / "msnoop-cache"))
+    monkeypatch.delenv("MICROSNOOP_ENGINE", raising=False)
+
+
+@pytest.fixture(scope="module")
+def bbbc021(shared_data):
+    d = shared_data / "benchmarks" / "bbbc021_dmso_vs_cycloheximide"
+    info = json.loads((d / "dataset.json").read_text())
+    return np.load(d / "images.npy"), pd.read_csv(d / "metadata.csv"), info
+
+
+def per_channel_cosines(a: np.ndarray, b: np.ndarray, c: int) -> np.ndarray:
+    dim = a.shape[1] // c
+    return np.stack([cosine_rows(a[:, k * dim:(k + 1) * dim], b[:, k * dim:(k + 1) * dim]) for k in range(c)], axis=1)
+
+
+def test_engine_option_checked_first():
+    with pytest.raises(MicrosnoopError, match="unknown engine 'tensorrt'"):
+        Embedder("random-init", device="cpu", engine="tensorrt")
+    assert check_engine(None) == "auto" and check_engine("TORCH") == "torch"
+
+
+def test_auto_is_torch_until_engines_are_validated_and_honours_the_environment(monkeypatch):
+    from microsnoop.embed.backends import resolve_engine
+
+    monkeypatch.delenv("MICROSNOOP_ENGINE", raising=False)
+    assert resolve_engine("auto", "cpu", "bf16")[0] == "torch"  # engines are opt-in for now (issue 19)
+    assert resolve_engine("openvino", "cpu", "bf16")[0] == "openvino"
+    assert resolve_engine("auto", "cuda", "bf16")[0] == "torch"
+    monkeypatch.setenv("MICROSNOOP_ENGINE", "openvino")
+    assert resolve_engine("auto", "cpu", "bf16") == ("openvino", "MICROSNOOP_ENGINE=openvino")
+
+
+def test_torch_engine_is_the_eager_path(yeast):
+    cells = np.load(yeast / "images.npy", mmap_mode="r")[:6]
+    emb = Embedder("random-init", device="cpu", precision="bf16", engine="torch")
+    assert emb.engine == "torch" and emb.provenance()["engine"] == "torch"
+    assert not isinstance(emb.module, EngineModule)
+
+
+@needs_openvino
+def test_openvino_matches_fp32_and_knn_scores_on_bbbc021(bbbc021):
+    """Every channel vector of 600 real MCF-7 cells at cosine >= 0.999 to fp32 torch, and the set's kNN
+    protocols scoring within 0.005 of torch's (the default model, default head)."""
+    from microsnoop.evaluate.protocols import run_protocol
+
+    images, meta, info = bbbc021
+    ref = Embedder(None, device="cpu", precision="fp32", engine="torch").embed(images)
+    emb = Embedder(None, device="cpu", precision="bf16", engine="openvino")
+    got = emb.embed(images)
+    assert emb.engine == "openvino", emb._engine.failed
+    cos = per_channel_cosines(got, ref, images.shape[1])
+    assert cos.min() >= 0.999, cos.min()
+    prov = emb.provenance()
+    assert prov["engine"] == "openvino" and prov["engine_min_cosine_to_fp32"] >= 0.999
+    for proto in [p for p in info["protocols"] if p["name"] == "knn"]:
+        a = run_protocol(ref, meta, proto, info["label"]).accuracy
+        b = run_protocol(got, meta, proto, info["label"]).accuracy
+        assert abs(a - b) <= 0.005, (proto, a, b)
+
+
+@needs_openvino
+@pytest.mark.parametrize("head", [{"levels": "all", "pool": "meanmax"}, {"tta": "d8"}])
+def test_openvino_reproduces_heads_and_tta(yeast, head):
+    """The engine exports the module fast_module builds (all levels, meanmax pooling); TTA wraps the
+    engine as it wraps torch, so the d8 vector stays invariant to a rotation of the cell."""
+    cells = np.array(np.load(yeast / "images.npy", mmap_mode="r")[:8, :1])
+    ref = Embedder("random-init", device="cpu", precision="fp32", engine="torch", **head).embed(cells)
+    emb = Embedder("random-init", device="cpu", precision="bf16", engine="openvino", **head)
+    got = emb.embed(cells)
+    assert emb.engine == "openvino" and got.shape == ref.shape
+    assert cosine_rows(got, ref).min() >= 0.999
+    if head.get("tta") == "d8":
+        rot = emb.embed(np.ascontiguousarray(np.rot90(cells, 1, axes=(2, 3))))
+        assert cosine_rows(rot, got).min() >= 0.9999
+
+
+@needs_openvino
+def test_openvino_runs_distilled_projections(yeast):
+    """distill-unet = encoder + linear projections: the engine's output includes the projections."""
+    from microsnoop.models.microsnoop_unet import DistilledUNetEncoder
+
+    torch.manual_seed(0)
+    enc = DistilledUNetEncoder({"teachers": {"a": 16, "b": 8}}).eval()
+    enc.name, enc.sha256 = "distilled-test", "0" * 64
+    cells = np.array(np.load(yeast / "images.npy", mmap_mode="r")[:8, :1])
+    ref = Embedder(enc, device="cpu", precision="fp32", engine="torch").embed(cells)
+    emb = Embedder(enc, device="cpu", precision="bf16", engine="openvino")
+    got = emb.embed(cells)
+    assert got.shape == (8, 24) and emb.engine == "openvino"
+    assert cosine_rows(got, ref).min() >= 0.999
+
+
+@needs_openvino
+def test_cache_key_follows_weights_head_and_shape(yeast):
+    cells = np.array(np.load(yeast / "images.npy", mmap_mode="r")[:4, :1])
+    a = Embedder("random-init", device="cpu", precision="bf16", engine="openvino")
+    a.embed(cells)
+    entry = a._engine.cache_entry((4, 1, 64, 64))
+    assert (entry / "model.xml").exists() and "x1x64x64" in entry.name
+    b = Embedder("random-init", device="cpu", precision="bf16", engine="openvino", levels="all")
+    assert b.module is not None and b._engine.cache_entry((4, 1, 64, 64)) != entry
+    assert a._engine.cache_entry((4, 1, 96, 96)) != entry
+    c = Embedder("random-init", device="cpu", precision="bf16", engine="openvino")  # a new process would reuse it
+    assert c.module is not None and c._engine.cache_entry((4, 1, 64, 64)) == entry
+
+
+@needs_openvino
+def test_failed_validation_falls_back_to_torch_loudly(yeast, caplog):
+    cells = np.array(np.load(yeast / "images.npy", mmap_mode="r")[:4, :1])
+    want = Embedder("random-init", device="cpu", precision="bf16", engine="torch").embed(cells)
+    emb = Embedder("random-init", device="cpu", precision="bf16", engine="openvino")
+    emb.module.min_cosine = 1.5  # no engine can pass: forces the fallback path
+    with caplog.at_level(logging.WARNING, logger="microsnoop"):
+        got = emb.embed(cells)
+    assert emb.engine == "torch" and "cosine" in emb._engine.failed
+    assert any("falling back to torch" in r.getMessage() for r in caplog.records)
+    np.testing.assert_array_equal(got, want)
+
+
+@needs_openvino
+@pytest.mark.slow
+def test_cellpose_openvino_masks_match_torch(shared_data):
+    """One real BBBC013 field: the OpenVINO Cellpose network's masks match today's torch masks at F1 >= 0.99."""
+    import tifffile
+
+    from microsnoop.evaluate.segmentation import match_masks
+    from microsnoop.segment.cellpose import CellposeSegmenter
+
+    img = tifffile.imread(shared_data / "plates" / "bbbc013" / "Channel2-01-A-01.tif")
+    a = CellposeSegmenter(engine="torch")(img)
+    seg = CellposeSegmenter(engine="openvino")
+    b = seg(img)
+    assert seg.engine == "openvino" and seg.provenance()["engine"] == "openvino"
+    res = match_masks(a, b, 0.5)
+    f1 = 2 * res.tp / (2 * res.tp + res.fp + res.fn)
+    assert a.max() > 20 and f1 >= 0.99, (a.max(), b.max(), f1)
+
+
+def test_cli_rejects_unknown_engine_before_work(yeast, tmp_path, capsys):
+    from conftest import run_cli
+
+    out = tmp_path / "e.parquet"
+    code, so, se = run_cli(["embed", str(yeast / "images.npy"), "-o", str(out), "--engine", "tensorrt"], capsys)
+    assert code == 2 and "unknown engine 'tensorrt'" in so + se and not out.exists()
