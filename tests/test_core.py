@@ -187,7 +187,7 @@ def test_corrupt_image_file(cli, tmp_path, yeast):
     imgs = np.load(yeast / "images.npy", mmap_mode="r")
     tifffile.imwrite(d / "a.tif", np.array(imgs[0]))
     (d / "b.tif").write_bytes(b"II*\x00garbage that is not a tiff")
-    _assert_refused(cli, [d], tmp_path / "o.parquet", "b.tif", "cannot decode")
+    _assert_refused(cli, [d], tmp_path / "o.parquet", "b.tif", "TIFF holds no image")
 
 
 def test_channel_count_differs(cli, tmp_path, yeast):

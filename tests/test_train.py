@@ -122,12 +122,13 @@ def test_shipped_models_load_verified_and_default_is_trained():
     from microsnoop.models import create_model, default_model_name, get_spec
 
     default = default_model_name()
-    assert default == "microsnoop-unet-v1" and get_spec(default).trained
-    for name, steps in (("microsnoop-unet-v1", 600), ("microsnoop-unet-cpinit", 950), ("microsnoop-unet-scratch", 950)):
+    assert default == "microsnoop-unet-v2" and get_spec(default).trained
+    for name, steps, dim in (("microsnoop-unet-v2", 1500, 512), ("microsnoop-unet-v1", 600, 256),
+                             ("microsnoop-unet-cpinit", 950, 256), ("microsnoop-unet-scratch", 950, 256)):
         enc = create_model(name)
         assert enc.sha256 == get_spec(name).sha256 and enc.header["steps"] == steps
         out = enc(torch.rand(2, 1, 40, 40))
-        assert out.shape == (2, 256) and torch.isfinite(out).all()
+        assert out.shape == (2, dim) and torch.isfinite(out).all()
 
 
 def test_fine_tune_keeps_encoder_frozen_then_scaled(tiny_pool, tmp_path):
