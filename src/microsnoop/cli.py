@@ -174,11 +174,13 @@ def profile(
 
 @app.command()
 def plate(
-    manifest: Path = typer.Argument(..., help="CellProfiler LoadData CSV: one row per field, FileName_<channel> + Metadata_* columns."),
+    manifest: Path = typer.Argument(..., help="CellProfiler LoadData CSV (one row per field, FileName_<channel> + Metadata_* columns) or an OME-Zarr HCS plate folder."),
     output: Path = typer.Option(..., "--output", "-o", help="Output folder (cells/fields/wells/treatments tables, report.json, report.md)."),
     model: Optional[str] = typer.Option(None, "--model", "-m", help="Registered model or checkpoint (default: the shipped default)."),
-    channels: Optional[str] = typer.Option(None, "--channels", help="Channels to embed, e.g. GFP,DNA (default: all FileName_* columns)."),
-    segment_channel: str = typer.Option("DNA", "--segment-channel", help="Channel to segment cells/nuclei on."),
+    channels: Optional[str] = typer.Option(None, "--channels", help="Channels to embed, e.g. GFP,DNA (default: all the plate's channels)."),
+    segment_channel: str = typer.Option("DNA", "--segment-channel", help="Nucleus channel to segment on."),
+    cyto_channel: Optional[str] = typer.Option(None, "--cyto-channel", help="Whole-cell segmentation: a cytoplasm/membrane channel (e.g. AGP, ER) given to Cellpose with the --segment-channel nucleus channel."),
+    metadata: Optional[Path] = typer.Option(None, "--metadata", help="Plate map CSV (Metadata_Well, optional Metadata_Plate, treatment/control columns) joined on the wells; for OME-Zarr plates."),
     segmenter: str = typer.Option("cellpose", "--segmenter", help="cellpose | classical | masks (with --masks) | centres (with --centres)."),
     masks: Optional[str] = typer.Option(None, "--masks", help="User label masks: a manifest column (e.g. FileName_NucleiMask) or a folder with one mask per field, named like the segment channel's file."),
     centres: Optional[Path] = typer.Option(None, "--centres", "--centers", help="CSV of cell centres (*_Location_Center_X/Y; ImageNumber or shared Metadata_* columns)."),
@@ -192,20 +194,24 @@ def plate(
     rescale_constant: Optional[float] = typer.Option(None, "--rescale-constant", help="Rc of the cell-region crop."),
     crop_size: Optional[int] = typer.Option(None, "--crop-size", help="Sta: crops are zero-padded to this size."),
     max_cells: Optional[int] = typer.Option(None, "--max-cells", help="Embed at most this many cells per field (seeded random subset)."),
-    controls: str = typer.Option('Metadata_Control == "negative"', "--controls", help="pandas query selecting negative-control wells."),
-    positive: str = typer.Option('Metadata_Control == "positive"', "--positive", help="pandas query selecting positive-control wells ('' for none)."),
+    controls: Optional[str] = typer.Option(None, "--controls", help="pandas query selecting negative-control wells (default: inferred from a Metadata_* column saying negative/DMSO/mock)."),
+    positive: str = typer.Option("auto", "--positive", help="pandas query selecting positive-control wells (default: inferred from a column saying positive; '' for none)."),
     normalize: Optional[str] = typer.Option(None, "--normalize", help="standardize | mad_robustize against the negative controls, per plate."),
-    sphere: bool = typer.Option(True, "--sphere/--no-sphere", help="ZCA-cor sphering fitted on the negative controls (knee-regularised)."),
-    treatment: Optional[str] = typer.Option(None, "--treatment", help="Treatment columns (default: inferred, e.g. Metadata_RowBlock,Metadata_DoseIndex)."),
+    sphere: bool = typer.Option(True, "--sphere/--no-sphere", help="ZCA-cor sphering fitted on the negative controls (knee-regularised; skipped with a warning under 4 control wells)."),
+    treatment: Optional[str] = typer.Option(None, "--treatment", help="Treatment columns (default: inferred: compound/treatment + dose/concentration, else Metadata_RowBlock,Metadata_DoseIndex)."),
     fmt: str = typer.Option("parquet", "--format", help="parquet | h5 | h5ad for the tables."),
     save_cells: bool = typer.Option(False, "--save-cells", help="Also write the per-cell table."),
     batch_size: int = typer.Option(64, "--batch-size"),
     device: str = typer.Option("auto", "--device"),
     precision: str = typer.Option("fp32", "--precision", help="fp32 | bf16 | auto."),
     threads: Optional[int] = typer.Option(None, "--threads", help="CPU threads for torch (default: all available)."),
+    resume: bool = typer.Option(False, "--resume", help="Continue an interrupted or failed run: reuse its finished fields (and a finished run's fields table)."),
+    shard: Optional[str] = typer.Option(None, "--shard", help="i/n: compute only every n-th field from the i-th (1-based; job arrays), then stop; finish with --merge."),
+    merge: bool = typer.Option(False, "--merge", help="Assemble the plate from the finished fields of all --shard runs (computes none)."),
     overwrite: bool = typer.Option(False, "--overwrite"),
 ) -> None:
     """A plate end to end: segment -> crop -> embed -> fields -> wells -> normalise/sphere -> report."""
+    from .pipelines.fieldstore import parse_shard, shard_fields
     from .pipelines.plate import PlateSettings, run_plate
 
     s = PlateSettings(channels=_split(channels), segment_channel=segment_channel, segmenter=segmenter, diameter=diameter,
@@ -214,16 +220,35 @@ def plate(
                       positive=positive or None, normalize=normalize, sphere=sphere, treatment=_split(treatment),
                       fmt=fmt, save_cells=save_cells, masks=masks, centres=str(centres) if centres else None,
                       centre_size=centre_size, keep_border=keep_border, preview=preview, save_masks=save_masks,
-                      threads=threads, segment_precision=segment_precision)
-    from .io.readers import read_csv
+                      threads=threads, segment_precision=segment_precision, cyto_channel=cyto_channel,
+                      metadata=str(metadata) if metadata else None)
+    shard_t = parse_shard(shard)
+    if shard_t is None and os.environ.get("WORLD_SIZE", "1") not in ("", "1") and not merge:
+        shard_t = (int(os.environ.get("RANK", "0")), int(os.environ["WORLD_SIZE"]))   # torchrun: one shard per rank
+    live: dict = {}
 
-    n_fields = len(read_csv(manifest)) if manifest.exists() else 0
-    bar, advance = progress_bar(n_fields, "fields")
-    with bar:
-        res = run_plate(manifest, output, s, overwrite=overwrite, command=command_line(), progress=advance)
+    def on_plan(plan) -> None:          # options checked: say what will be skipped, then show progress
+        for w in plan.warnings:
+            console.print(f"warning: {w}", highlight=False, soft_wrap=True)
+        n = 0 if merge else len(shard_fields(plan.n_fields, shard_t))
+        live["bar"], live["advance"] = progress_bar(n, "fields")
+        live["bar"].start()
+
+    try:
+        res = run_plate(manifest, output, s, overwrite=overwrite, command=command_line(),
+                        progress=lambda n: live["advance"](n) if "advance" in live else None,
+                        resume=resume, shard=shard_t, merge=merge, on_plan=on_plan)
+    finally:
+        if "bar" in live:
+            live["bar"].stop()
     r = res.report
+    if "shard" in r:
+        console.print(f"shard {r['shard']}: {r['fields_done']} of {r['n_fields']} plate fields finished in "
+                      f"{r['partial']}; {r['next']}")
+        return
     console.print(f"{r.get('n_wells')} wells, Z' = {r.get('z_prime', float('nan')):.3f}, mean mAP = "
-                  f"{r.get('mean_map', float('nan')):.3f}; report in {res.files['report_md']}")
+                  f"{r.get('mean_map', float('nan')):.3f}; {len(r.get('warnings', []))} warning(s); report in "
+                  f"{res.files['report_md']}")
 
 
 @app.command()
