@@ -73,9 +73,16 @@ def embed(
     precision: str = typer.Option("auto", "--precision", help="auto (default: bf16 on CPUs with native bf16 and on CUDA, for models validated in bf16 - cosine >= 0.999 to fp32; else fp32) | fp32 | bf16."),
     threads: Optional[int] = typer.Option(None, "--threads", help="CPU threads per process (default: the CPUs available, divided among torchrun's local ranks)."),
     resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run from its finished chunks."),
+    shard: Optional[str] = typer.Option(None, "--shard", help="i/n: embed only every n-th chunk from the i-th (1-based; job arrays), then stop; finish with --merge."),
+    merge: bool = typer.Option(False, "--merge", help="Write the output from the chunks of all --shard runs (embeds nothing)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output."),
 ) -> None:
     """Embed images: every channel separately, vectors concatenated in channel order (256 per channel)."""
+    from .pipelines.fieldstore import parse_shard
+
+    shard_t = parse_shard(shard)
+    if shard_t is not None and merge:
+        raise MicrosnoopError("--shard and --merge are separate steps: run each shard, then --merge once")
     from .embed import Embedder, embed_source
     from .io import open_source
 
@@ -87,7 +94,11 @@ def embed(
     prog, advance = progress_bar(len(src), "embedding")
     with prog:
         out = embed_source(src, output, fmt=fmt, chunk_size=chunk_size, resume=resume, overwrite=overwrite,
-                           command=command_line(), progress=advance, embedder=emb)
+                           command=command_line(), progress=advance, embedder=emb, shard=shard_t, merge=merge)
+    if shard_t is not None:
+        console.print(f"shard {shard}: its chunks are in {output.name}.partial; when every shard has finished, run "
+                      f"the same command with --merge instead of --shard")
+        return
     if os.environ.get("RANK", "0") != "0":  # torchrun: rank 0 merged and reports
         return
     console.print(f"wrote {len(src)} images x {len(src.channel_names) * emb.dim} features "

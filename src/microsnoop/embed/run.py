@@ -84,32 +84,45 @@ def chunk_ranges(n: int, chunk_size: int) -> list[tuple[int, int]]:
 def embed_source(source: ImageSource, output: str | Path, *, model: str | None = None, fmt: str | None = None,
                  chunk_size: int = 1024, batch_size: int | None = None, device: str = "auto", precision: str = "fp32",
                  resume: bool = False, overwrite: bool = False, command: str | None = None,
-                 progress: Callable[[int], None] | None = None, embedder: Embedder | None = None) -> Path:
+                 progress: Callable[[int], None] | None = None, embedder: Embedder | None = None,
+                 shard: tuple[int, int] | None = None, merge: bool = False) -> Path:
     """Embed every image of ``source`` into ``output`` (.parquet/.h5/.h5ad); returns the output path.
 
     Under torchrun (WORLD_SIZE > 1) every rank embeds its share of the chunks and rank 0 merges
-    them (see ``distributed``); other ranks return once their shards are on disk."""
+    them (see ``distributed``); other ranks return once their shards are on disk. Without torchrun,
+    ``shard`` = (i, n) (zero-based; job arrays) embeds the chunks ``k % n == i`` into the shared partial
+    folder and stops; ``merge`` then writes the output from every shard's chunks (embedding none), the
+    same file a single process writes."""
     output = Path(output)
     fmt = format_for(output, fmt)
     if chunk_size < 1:
         raise MicrosnoopError("--chunk-size must be at least 1")
     embedder = embedder or Embedder(model, device=device, precision=precision, batch_size=batch_size)
-    d = dist.init(embedder.device)
+    d = dist.Dist(*shard) if shard is not None else dist.init(embedder.device)
     work = partial_dir(output)
     ranges = chunk_ranges(len(source), chunk_size)
     state = {"input": source.fingerprint(), "model_sha256": embedder.encoder.sha256, "model": embedder.encoder.name,
              "chunk_size": chunk_size, "n_images": len(source), "channels": source.channel_names,
              "precision": embedder.precision, "normalization": NORMALIZATION}
-    if d.main:
+    if shard is not None or merge:   # every shard joins (or starts) the same partial folder
+        if output.exists() and not overwrite:
+            raise MicrosnoopError("output already exists (use --overwrite to replace it)", output)
+        check_state(work, state)
+        if merge:
+            _check_merge(work, ranges)
+    elif d.main:
         work = prepare_output(output, overwrite, resume)
         check_state(work, state)
     dist.barrier(d)
     try:
-        files = _embed_chunks(source, embedder, ranges, work, progress if d.main else None, d)
+        files = _embed_chunks(source, embedder, ranges, work, progress if (d.main or shard) else None, d)
     except MicrosnoopError:
-        # bad input will not get better on resume: leave nothing behind
-        shutil.rmtree(work, ignore_errors=True)
+        # bad input will not get better on resume: leave nothing behind (but never another shard's chunks)
+        if shard is None:
+            shutil.rmtree(work, ignore_errors=True)
         raise
+    if shard is not None:
+        return output
     dist.barrier(d)
     if d.main:
         prov = provenance(embedder, source, command, world_size=d.world)
@@ -118,6 +131,16 @@ def embed_source(source: ImageSource, output: str | Path, *, model: str | None =
     dist.barrier(d)
     dist.finish(d)
     return output
+
+
+def _check_merge(work: Path, ranges: list[tuple[int, int]]) -> None:
+    """--merge embeds nothing: every chunk must have been finished by some shard."""
+    done = dist.finished_chunks(work)
+    missing = [k for k in range(len(ranges)) if k not in done or not (work / f"chunk_{k:06d}.npy").exists()]
+    if missing:
+        raise MicrosnoopError(f"cannot merge: {len(missing)} of {len(ranges)} chunks are not finished (e.g. chunk "
+                              f"{missing[0]}, images {ranges[missing[0]][0]}-{ranges[missing[0]][1] - 1}); run the "
+                              f"missing shards first", work)
 
 
 def _embed_chunks(source: ImageSource, embedder: Embedder, ranges: list[tuple[int, int]], work: Path,

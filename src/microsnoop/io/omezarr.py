@@ -32,7 +32,10 @@ def _ome_attrs(group: Any) -> dict[str, Any]:
 
 
 def _open_group(path: Path | str, what: str) -> Any:
-    import zarr
+    try:
+        import zarr
+    except ImportError:
+        raise MicrosnoopError("reading OME-Zarr needs zarr: pip install 'microsnoop[plates]' (or zarr)", path) from None
 
     try:
         return zarr.open_group(str(path), mode="r")
@@ -46,6 +49,11 @@ def is_ome_zarr_plate(path: str | Path) -> bool:
     path = Path(path)
     if not path.is_dir() or not any((path / f).exists() for f in ("zarr.json", ".zattrs", ".zgroup")):
         return False
+    try:
+        import zarr  # noqa: F401
+    except ImportError:
+        raise MicrosnoopError("this folder is a zarr store; reading OME-Zarr needs zarr: pip install "
+                              "'microsnoop[plates]'", path) from None
     try:
         return "plate" in _ome_attrs(_open_group(path, "plate"))
     except MicrosnoopError:

@@ -109,7 +109,7 @@ def infer_controls(meta: pd.DataFrame, given: str | None) -> tuple[str | None, s
     if given:
         n = int(select_rows(meta, given).sum())
         if n == 0:
-            raise MicrosnoopError(f"--controls {given!r} selects no field of the plate")
+            raise MicrosnoopError(f"--controls {given!r} selects no well of the plate")
         return given, "given"
     hits = _word_rows(meta, NEGATIVE_WORDS)
     if not hits:
@@ -123,9 +123,12 @@ def infer_positive(meta: pd.DataFrame, given: str | None) -> tuple[str | None, s
     if given is None or str(given).strip() == "":
         return None, "none given"
     if given != "auto":
-        n = int(select_rows(meta, given).sum())
+        try:
+            n = int(select_rows(meta, given).sum())
+        except MicrosnoopError as exc:
+            raise MicrosnoopError(str(exc).replace("--controls query", "--positive query")) from None
         if n == 0:
-            raise MicrosnoopError(f"--positive {given!r} selects no field of the plate")
+            raise MicrosnoopError(f"--positive {given!r} selects no well of the plate")
         return given, "given"
     hits = _word_rows(meta, POSITIVE_WORDS)
     if not hits:
@@ -220,19 +223,34 @@ def check_columns(meta: pd.DataFrame, s: Any, where: Any = None) -> PlatePlan:
     well = [c for c in s.well if c in meta.columns]
     if not well:
         raise MicrosnoopError(f"none of the well columns {', '.join(s.well)} is in the plate's metadata", where)
-    controls, notes["controls"] = infer_controls(meta, s.controls)
-    positive, notes["positive"] = infer_positive(meta, s.positive)
+    # wells keep only the metadata constant within each well: queries and treatments must use those
+    grouped = meta.groupby(well, dropna=False)
+    varying = [c for c in meta.columns if c.startswith("Metadata_") and c not in well
+               and bool((grouped[c].nunique(dropna=False) > 1).any())]
+    for flag, cols in (("--treatment", s.treatment or []),):
+        bad = [c for c in cols if c in varying]
+        if bad:
+            raise MicrosnoopError(f"{flag} column(s) {', '.join(bad)} vary within a well, so well profiles cannot "
+                                  f"keep them", where)
+    wmeta = meta.drop(columns=varying).drop_duplicates(subset=well).reset_index(drop=True)
+    for flag, q in (("--controls", s.controls), ("--positive", None if s.positive == "auto" else s.positive)):
+        used = [c for c in varying if q and re.search(rf"\b{re.escape(c)}\b", q)]
+        if used:
+            raise MicrosnoopError(f"{flag} {q!r} uses {', '.join(used)}, which varies within a well (wells keep "
+                                  f"only columns constant within a well)", where)
+    controls, notes["controls"] = infer_controls(wmeta, s.controls)
+    positive, notes["positive"] = infer_positive(wmeta, s.positive)
     if controls is None and (s.normalize or s.sphere):
         raise MicrosnoopError("cannot tell the negative controls (no Metadata_* column says negative, DMSO or "
                               "mock); pass --controls, e.g. --controls 'Metadata_Compound == \"DMSO\"', or use "
                               "--no-sphere without --normalize", where)
-    treatment = infer_treatment(meta.columns, s.treatment)
+    treatment = infer_treatment(wmeta.columns, s.treatment)
     if treatment is None:
         warnings.append("no treatment columns (no Metadata_* column named like compound/treatment or dose/"
                         "concentration; pass --treatment): treatments table and mAP skipped")
     sphere = bool(s.sphere)
     if sphere:
-        n_min, batch = _fewest_control_wells(meta, controls, well, s.sphere_by)
+        n_min, batch = _fewest_control_wells(wmeta, controls, well, s.sphere_by)
         if n_min < MIN_SPHERE_CONTROLS:
             sphere = False
             warnings.append(f"sphering skipped: {n_min} negative-control well(s){batch}, it needs at least "
