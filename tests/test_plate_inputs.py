@@ -26,13 +26,13 @@ def cellpainting(shared_data) -> Path:
 
 
 @pytest.fixture(scope="module")
-def cp4(cellpainting, tmp_path_factory) -> Path:
-    """4 Cell Painting fields (2 mock wells' site 1, 2 compound wells' site 1), absolute paths."""
+def cp3(cellpainting, tmp_path_factory) -> Path:
+    """3 Cell Painting fields (site 1 of 2 mock wells and 1 compound well), absolute paths."""
     df = pd.read_csv(cellpainting)
-    df = df[df["Metadata_Site"] == 1].iloc[:4].copy()
+    df = df[df["Metadata_Site"] == 1].iloc[:3].copy()
     for ch in CP_CHANNELS:
         df[f"PathName_{ch}"] = str(cellpainting.parent / "images")
-    out = tmp_path_factory.mktemp("cp4") / "manifest.csv"
+    out = tmp_path_factory.mktemp("cp3") / "manifest.csv"
     df.to_csv(out, index=False)
     return out
 
@@ -91,13 +91,13 @@ def _no_field_read(monkeypatch) -> list:
 
 # ------------------------------------------------------------------------------ Cell Painting
 
-def test_cellpainting_whole_cells_named_columns_report(cp4, tmp_path, cli):
+def test_cellpainting_whole_cells_named_columns_report(cp3, tmp_path, cli):
     """Whole cells from [AGP, DNA], all five channels cropped and embedded, named columns, degraded steps
     recorded as warnings (2 mock wells: no sphering; no positive controls, no treatment columns)."""
     from microsnoop.profiling.table import read_profiles
 
     out = tmp_path / "run"
-    code, _, err = cli("plate", cp4, "-o", out, "--cyto-channel", "AGP", "--segment-channel", "DNA", "--model",
+    code, _, err = cli("plate", cp3, "-o", out, "--cyto-channel", "AGP", "--segment-channel", "DNA", "--model",
                        "random-init", "--crop-size", "32", "--max-cells", "4", "--diameter", "35", "--device", "cpu",
                        "--save-cells")
     assert code == 0, err
@@ -111,8 +111,8 @@ def test_cellpainting_whole_cells_named_columns_report(cp4, tmp_path, cli):
     cells, cfeats, _ = read_profiles(out / "cells.parquet")
     expected = [f"{ch}_emb_{j:03d}" for ch in CP_CHANNELS for j in range(256)]
     assert feats == expected and cfeats == expected
-    assert len(fields) == 4 and (fields["Metadata_Count"] == 4).all()
-    assert len(cells) == 16 and np.isfinite(cells[feats].to_numpy()).all()
+    assert len(fields) == 3 and (fields["Metadata_Count"] == 4).all()
+    assert len(cells) == 12 and np.isfinite(cells[feats].to_numpy()).all()
     assert "Warnings" in (out / "report.md").read_text()
     assert not (out / "treatments.parquet").exists()          # no treatment columns: skipped, not stale
 
@@ -221,9 +221,9 @@ def test_ome_tiff_channel_names(shared_data, tmp_path):
 
 # ------------------------------------------------------------------------------ early checks
 
-def _no_controls(cp4: Path, tmp_path: Path) -> Path:
+def _no_controls(cp3: Path, tmp_path: Path) -> Path:
     p = tmp_path / "nocontrols.csv"
-    pd.read_csv(cp4).drop(columns=["Metadata_Control", "Metadata_Role"]).to_csv(p, index=False)
+    pd.read_csv(cp3).drop(columns=["Metadata_Control", "Metadata_Role"]).to_csv(p, index=False)
     return p
 
 
@@ -249,19 +249,19 @@ BAD = [
 
 
 @pytest.mark.parametrize("args, message", BAD, ids=[b[1][:30] for b in BAD])
-def test_bad_options_fail_before_any_field(cp4, tmp_path, cli, monkeypatch, args, message):
+def test_bad_options_fail_before_any_field(cp3, tmp_path, cli, monkeypatch, args, message):
     """Each bad option is one line, exit 2, in a few seconds (a Cellpose field takes 1-20 s on this CPU), with
     no field read and nothing written."""
-    manifest = cp4
+    manifest = cp3
     if args == ["NO_CONTROLS"]:
-        manifest, args = _no_controls(cp4, tmp_path), []
+        manifest, args = _no_controls(cp3, tmp_path), []
     if "MISSING_WELLS" in args:
         pm = tmp_path / "map.csv"
-        pd.read_csv(cp4).iloc[:1].to_csv(pm, index=False)
+        pd.read_csv(cp3).iloc[:1].to_csv(pm, index=False)
         args = ["--metadata", str(pm)]
     # the first CLI call of a process pays its imports (typer's option parsing alone imports for seconds on
     # a busy 2-core machine): warm them so the timing below is the checks' own
-    cli("plate", cp4, "-o", tmp_path / "warm", "--format", "none", "--device", "cpu")
+    cli("plate", cp3, "-o", tmp_path / "warm", "--format", "none", "--device", "cpu")
     reads = _no_field_read(monkeypatch)
     out = tmp_path / "run"
     t0 = time.perf_counter()
@@ -371,3 +371,27 @@ def test_embed_two_shards_merged_equal_the_single_run(yeast_subset, tmp_path, cl
     m2, x2, _ = read_embeddings(out)
     np.testing.assert_array_equal(x1, x2)
     assert x1.shape == (96, 512) and m1.equals(m2)
+
+
+def test_defaults_inferred_from_common_metadata_names(shared_data):
+    """Treatment and controls from the names plate maps use, not BBBC013's; a clear error when none fits."""
+    from microsnoop.pipelines.plate import PlateSettings
+    from microsnoop.pipelines.plate_checks import check_columns, infer_controls, infer_treatment
+
+    jump = pd.DataFrame({"Metadata_Plate": ["P"] * 8, "Metadata_Well": [f"A{i:02d}" for i in range(1, 9)],
+                         "Metadata_pert_iname": ["DMSO"] * 4 + ["x", "x", "y", "y"],
+                         "Metadata_mmoles_per_liter": [0] * 4 + [1, 1, 2, 2]})
+    plan = check_columns(jump, PlateSettings())
+    assert plan.treatment == ["Metadata_pert_iname", "Metadata_mmoles_per_liter"]
+    assert plan.controls == 'Metadata_pert_iname == "DMSO"' and plan.sphere and plan.positive is None
+    assert infer_treatment(["Metadata_Well", "Metadata_Compound", "Metadata_Concentration"], None) == \
+        ["Metadata_Compound", "Metadata_Concentration"]
+    cp = pd.read_csv(shared_data / "plates" / "bbbc022_cellpainting_mini" / "manifest.csv")
+    assert infer_treatment(cp.columns, None) is None
+    assert infer_controls(cp, None)[0] == 'Metadata_Control == "negative"'
+    assert infer_controls(cp.drop(columns="Metadata_Control"), None)[0] == 'Metadata_Role == "mock"'
+    two = check_columns(cp, PlateSettings())
+    assert not two.sphere and any("sphering skipped: 2" in w for w in two.warnings)
+    with pytest.raises(MicrosnoopError, match="cannot tell the negative controls"):
+        check_columns(cp.drop(columns=["Metadata_Control", "Metadata_Role"]), PlateSettings())
+    assert check_columns(cp.drop(columns=["Metadata_Control", "Metadata_Role"]), PlateSettings(sphere=False)).controls is None
