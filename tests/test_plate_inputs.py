@@ -27,9 +27,10 @@ def cellpainting(shared_data) -> Path:
 
 @pytest.fixture(scope="module")
 def cp3(cellpainting, tmp_path_factory) -> Path:
-    """3 Cell Painting fields (site 1 of 2 mock wells and 1 compound well), absolute paths."""
+    """3 Cell Painting fields (both sites of mock well A14, site 1 of compound well C12), absolute paths."""
     df = pd.read_csv(cellpainting)
-    df = df[df["Metadata_Site"] == 1].iloc[:3].copy()
+    df = df[(df["Metadata_Well"] == "A14") | ((df["Metadata_Well"] == "C12") & (df["Metadata_Site"] == 1))].copy()
+    assert len(df) == 3
     for ch in CP_CHANNELS:
         df[f"PathName_{ch}"] = str(cellpainting.parent / "images")
     out = tmp_path_factory.mktemp("cp3") / "manifest.csv"
@@ -104,7 +105,7 @@ def test_cellpainting_whole_cells_named_columns_report(cp3, tmp_path, cli):
     rep = json.loads((out / "report.json").read_text())
     assert rep["provenance"]["segmentation_input"] == "whole cells: [AGP, DNA] (cytoplasm, nucleus)"
     assert rep["provenance"]["plan"]["segment_channels"] == ["AGP", "DNA"]
-    assert any(w.startswith("sphering skipped: 2 negative-control well") for w in rep["warnings"])
+    assert any(w.startswith("sphering skipped: 1 negative-control well") for w in rep["warnings"])
     assert any("no positive controls" in w for w in rep["warnings"])
     assert rep["provenance"]["plan"]["controls"] == 'Metadata_Control == "negative"'
     fields, feats, _ = read_profiles(out / "fields.parquet")
@@ -250,8 +251,8 @@ BAD = [
 
 @pytest.mark.parametrize("args, message", BAD, ids=[b[1][:30] for b in BAD])
 def test_bad_options_fail_before_any_field(cp3, tmp_path, cli, monkeypatch, args, message):
-    """Each bad option is one line, exit 2, in a few seconds (a Cellpose field takes 1-20 s on this CPU), with
-    no field read and nothing written."""
+    """Each bad option is one line, exit 2, after well under a field's work, with no field read and nothing
+    written."""
     manifest = cp3
     if args == ["NO_CONTROLS"]:
         manifest, args = _no_controls(cp3, tmp_path), []
@@ -264,15 +265,17 @@ def test_bad_options_fail_before_any_field(cp3, tmp_path, cli, monkeypatch, args
     cli("plate", cp3, "-o", tmp_path / "warm", "--format", "none", "--device", "cpu")
     reads = _no_field_read(monkeypatch)
     out = tmp_path / "run"
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     code, _, err = cli("plate", manifest, "-o", out, "--cyto-channel" if "--cyto-channel" not in args else "--diameter",
                        "AGP" if "--cyto-channel" not in args else "30", "--device", "cpu", *args)
-    elapsed = time.perf_counter() - t0
+    elapsed, cpu = time.perf_counter() - t0, time.process_time() - c0
     assert code == 2 and message in err and "Traceback" not in err, err
     assert len(err.strip().splitlines()) == 1, err
     assert reads == [] and not out.exists() and not (tmp_path / "run.partial").exists()
-    assert elapsed < 5.0, f"failed after {elapsed:.1f} s"
-    print(f"{message}: {elapsed:.2f} s")
+    # CPU time, not wall time: this machine is shared, and a starved process's wall clock says nothing about
+    # the work done. One whole-cell Cellpose field is >= 5 s of CPU here (segmentation alone), plus embedding.
+    assert cpu < 2.0, f"failed after {cpu:.1f} s of CPU ({elapsed:.1f} s wall)"
+    print(f"{message}: {cpu:.2f} s CPU, {elapsed:.2f} s wall")
 
 
 # ------------------------------------------------------------------------------ nothing lost
