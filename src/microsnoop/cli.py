@@ -100,6 +100,8 @@ def embed(
     precision: str = typer.Option("auto", "--precision", help="auto (default: bf16 on CPUs with native bf16 and on CUDA, for models validated in bf16 - cosine >= 0.999 to fp32; else fp32) | fp32 | bf16."),
     threads: Optional[int] = typer.Option(None, "--threads", help="CPU threads per process (default: the CPUs available, divided among torchrun's local ranks)."),
     resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run from its finished chunks."),
+    shard: Optional[str] = typer.Option(None, "--shard", help="i/n: embed only every n-th chunk from the i-th (1-based; job arrays), then stop; finish with --merge."),
+    merge: bool = typer.Option(False, "--merge", help="Write the output from the chunks of all --shard runs (embeds nothing)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output."),
     tta: Optional[str] = typer.Option(None, "--tta", help="Test-time augmentation: none | rot4 | d8 (average over 4 rotations / 8 rotations+flips: exactly invariant, 4x / 8x slower). Default: the model's head."),
     levels: Optional[str] = typer.Option(None, "--levels", help="U-Net models: encoder levels pooled: all | last | 1-3 | 2+3. Default: the model's head."),
@@ -107,6 +109,11 @@ def embed(
     engine: str = typer.Option("auto", "--engine", help="CPU inference engine: auto (= torch, or $MICROSNOOP_ENGINE) | torch | openvino | onnxruntime (opt-in, from the 'fast' extra that install.sh installs; each export is validated at cosine >= 0.999 to fp32 on its first batch, else torch runs)."),
 ) -> None:
     """Embed images: every channel separately, vectors concatenated in channel order (the model's dim per channel)."""
+    from .pipelines.fieldstore import parse_shard
+
+    shard_t = parse_shard(shard)
+    if shard_t is not None and merge:
+        raise MicrosnoopError("--shard and --merge are separate steps: run each shard, then --merge once")
     from .embed import Embedder, embed_source
     from .embed.backends import check_engine
     from .io import open_source
@@ -126,7 +133,11 @@ def embed(
     prog, advance = progress_bar(len(src), "embedding")
     with prog:
         out = embed_source(src, output, fmt=fmt, chunk_size=chunk_size, resume=resume, overwrite=overwrite,
-                           command=command_line(), progress=advance, embedder=emb)
+                           command=command_line(), progress=advance, embedder=emb, shard=shard_t, merge=merge)
+    if shard_t is not None:
+        console.print(f"shard {shard}: its chunks are in {output.name}.partial; when every shard has finished, run "
+                      f"the same command with --merge instead of --shard")
+        return
     if os.environ.get("RANK", "0") != "0":  # torchrun: rank 0 merged and reports
         return
     console.print(f"wrote {len(src)} images x {len(src.channel_names) * emb.dim} features "
@@ -219,11 +230,13 @@ def profile(
 
 @app.command()
 def plate(
-    manifest: Path = typer.Argument(..., help="CellProfiler LoadData CSV: one row per field, FileName_<channel> + Metadata_* columns."),
+    manifest: Path = typer.Argument(..., help="CellProfiler LoadData CSV (one row per field, FileName_<channel> + Metadata_* columns) or an OME-Zarr HCS plate folder."),
     output: Path = typer.Option(..., "--output", "-o", help="Output folder (cells/fields/wells/treatments tables, report.json, report.md)."),
     model: Optional[str] = typer.Option(None, "--model", "-m", help="Registered model or checkpoint (default: the shipped default)."),
-    channels: Optional[str] = typer.Option(None, "--channels", help="Channels to embed, e.g. GFP,DNA (default: all FileName_* columns)."),
-    segment_channel: str = typer.Option("DNA", "--segment-channel", help="Channel to segment cells/nuclei on."),
+    channels: Optional[str] = typer.Option(None, "--channels", help="Channels to embed, e.g. GFP,DNA (default: all the plate's channels)."),
+    segment_channel: str = typer.Option("DNA", "--segment-channel", help="Nucleus channel to segment on."),
+    cyto_channel: Optional[str] = typer.Option(None, "--cyto-channel", help="Whole-cell segmentation: a cytoplasm/membrane channel (e.g. AGP, ER) given to Cellpose with the --segment-channel nucleus channel."),
+    metadata: Optional[Path] = typer.Option(None, "--metadata", help="Plate map CSV (Metadata_Well, optional Metadata_Plate, treatment/control columns) joined on the wells; for OME-Zarr plates."),
     segmenter: str = typer.Option("cellpose", "--segmenter", help="cellpose | classical | masks (with --masks) | centres (with --centres)."),
     masks: Optional[str] = typer.Option(None, "--masks", help="User label masks: a manifest column (e.g. FileName_NucleiMask) or a folder with one mask per field, named like the segment channel's file."),
     centres: Optional[Path] = typer.Option(None, "--centres", "--centers", help="CSV of cell centres (*_Location_Center_X/Y; ImageNumber or shared Metadata_* columns)."),
@@ -237,11 +250,11 @@ def plate(
     rescale_constant: Optional[float] = typer.Option(None, "--rescale-constant", help="Rc of the cell-region crop."),
     crop_size: Optional[int] = typer.Option(None, "--crop-size", help="Sta: crops are zero-padded to this size."),
     max_cells: Optional[int] = typer.Option(None, "--max-cells", help="Embed at most this many cells per field (seeded random subset)."),
-    controls: str = typer.Option('Metadata_Control == "negative"', "--controls", help="Negative-control wells: column comparisons, 'in [...]', and/or/not (a safe subset of pandas queries)."),
-    positive: str = typer.Option('Metadata_Control == "positive"', "--positive", help="Positive-control wells, same grammar as --controls ('' for none)."),
+    controls: Optional[str] = typer.Option(None, "--controls", help="Negative-control wells: column comparisons, 'in [...]', and/or/not (a safe subset of pandas queries). Default: inferred from a Metadata_* column saying negative/DMSO/mock."),
+    positive: str = typer.Option("auto", "--positive", help="Positive-control wells, same grammar as --controls (default: inferred from a column saying positive; '' for none)."),
     normalize: Optional[str] = typer.Option(None, "--normalize", help="standardize | mad_robustize against the negative controls, per plate."),
-    sphere: bool = typer.Option(True, "--sphere/--no-sphere", help="ZCA-cor sphering fitted on the negative controls (knee-regularised)."),
-    treatment: Optional[str] = typer.Option(None, "--treatment", help="Treatment columns (default: inferred, e.g. Metadata_RowBlock,Metadata_DoseIndex)."),
+    sphere: bool = typer.Option(True, "--sphere/--no-sphere", help="ZCA-cor sphering fitted on the negative controls (knee-regularised; skipped with a warning under 4 control wells)."),
+    treatment: Optional[str] = typer.Option(None, "--treatment", help="Treatment columns (default: inferred: compound/treatment + dose/concentration, else Metadata_RowBlock,Metadata_DoseIndex)."),
     fmt: str = typer.Option("parquet", "--format", help="parquet | h5 | h5ad for the tables."),
     save_cells: bool = typer.Option(False, "--save-cells", help="Also write the per-cell table."),
     batch_size: int = typer.Option(64, "--batch-size"),
@@ -249,9 +262,13 @@ def plate(
     precision: str = typer.Option("fp32", "--precision", help="fp32 | bf16 | auto."),
     threads: Optional[int] = typer.Option(None, "--threads", help="CPU threads for torch (default: all available)."),
     engine: str = typer.Option("auto", "--engine", help="CPU inference engine: auto (= torch, or $MICROSNOOP_ENGINE) | torch | openvino | onnxruntime (opt-in, from the 'fast' extra that install.sh installs; each export is validated at cosine >= 0.999 to fp32 on its first batch, else torch runs)."),
+    resume: bool = typer.Option(False, "--resume", help="Continue an interrupted or failed run: reuse its finished fields (and a finished run's fields table)."),
+    shard: Optional[str] = typer.Option(None, "--shard", help="i/n: compute only every n-th field from the i-th (1-based; job arrays), then stop; finish with --merge."),
+    merge: bool = typer.Option(False, "--merge", help="Assemble the plate from the finished fields of all --shard runs (computes none)."),
     overwrite: bool = typer.Option(False, "--overwrite"),
 ) -> None:
     """A plate end to end: segment -> crop -> embed -> fields -> wells -> normalise/sphere -> report."""
+    from .pipelines.fieldstore import parse_shard, shard_fields
     from .pipelines.plate import PlateSettings, run_plate
     from .profiling.query import check_query
 
@@ -259,8 +276,9 @@ def plate(
     if not manifest.is_file():
         raise MicrosnoopError("manifest not found" if not manifest.exists() else "manifest must be a CSV file", manifest)
     columns = list(read_csv_columns(manifest))
-    check_query(controls, columns, "--controls")
-    if positive:
+    if controls is not None:  # None / "auto": inferred from the plate map (pipelines/plate_checks.py)
+        check_query(controls, columns, "--controls")
+    if positive and positive != "auto":
         check_query(positive, columns, "--positive")
     # options used only after every field is embedded: check them now, not after an hour of work
     if normalize is not None and normalize not in ("standardize", "mad_robustize"):
@@ -276,16 +294,35 @@ def plate(
                       positive=positive or None, normalize=normalize, sphere=sphere, treatment=_split(treatment),
                       fmt=fmt, save_cells=save_cells, masks=masks, centres=str(centres) if centres else None,
                       centre_size=centre_size, keep_border=keep_border, preview=preview, save_masks=save_masks,
-                      threads=threads, segment_precision=segment_precision, engine=engine)
-    from .io.readers import read_csv
+                      threads=threads, segment_precision=segment_precision, cyto_channel=cyto_channel,
+                      metadata=str(metadata) if metadata else None, engine=engine)
+    shard_t = parse_shard(shard)
+    if shard_t is None and os.environ.get("WORLD_SIZE", "1") not in ("", "1") and not merge:
+        shard_t = (int(os.environ.get("RANK", "0")), int(os.environ["WORLD_SIZE"]))   # torchrun: one shard per rank
+    live: dict = {}
 
-    n_fields = len(read_csv(manifest)) if manifest.exists() else 0
-    bar, advance = progress_bar(n_fields, "fields")
-    with bar:
-        res = run_plate(manifest, output, s, overwrite=overwrite, command=command_line(), progress=advance)
+    def on_plan(plan) -> None:          # options checked: say what will be skipped, then show progress
+        for w in plan.warnings:
+            console.print(f"warning: {w}", highlight=False, soft_wrap=True)
+        n = 0 if merge else len(shard_fields(plan.n_fields, shard_t))
+        live["bar"], live["advance"] = progress_bar(n, "fields")
+        live["bar"].start()
+
+    try:
+        res = run_plate(manifest, output, s, overwrite=overwrite, command=command_line(),
+                        progress=lambda n: live["advance"](n) if "advance" in live else None,
+                        resume=resume, shard=shard_t, merge=merge, on_plan=on_plan)
+    finally:
+        if "bar" in live:
+            live["bar"].stop()
     r = res.report
+    if "shard" in r:
+        console.print(f"shard {r['shard']}: {r['fields_done']} of {r['n_fields']} plate fields finished in "
+                      f"{r['partial']}; {r['next']}")
+        return
     console.print(f"{r.get('n_wells')} wells, Z' = {r.get('z_prime', float('nan')):.3f}, mean mAP = "
-                  f"{r.get('mean_map', float('nan')):.3f}; report in {res.files['report_md']}")
+                  f"{r.get('mean_map', float('nan')):.3f}; {len(r.get('warnings', []))} warning(s); report in "
+                  f"{res.files['report_md']}")
 
 
 @app.command()

@@ -95,17 +95,21 @@ def chunk_ranges(n: int, chunk_size: int) -> list[tuple[int, int]]:
 def embed_source(source: ImageSource, output: str | Path, *, model: str | None = None, fmt: str | None = None,
                  chunk_size: int = 1024, batch_size: int | None = None, device: str = "auto", precision: str = "fp32",
                  resume: bool = False, overwrite: bool = False, command: str | None = None,
-                 progress: Callable[[int], None] | None = None, embedder: Embedder | None = None) -> Path:
+                 progress: Callable[[int], None] | None = None, embedder: Embedder | None = None,
+                 shard: tuple[int, int] | None = None, merge: bool = False) -> Path:
     """Embed every image of ``source`` into ``output`` (.parquet/.h5/.h5ad); returns the output path.
 
     Under torchrun (WORLD_SIZE > 1) every rank embeds its share of the chunks and rank 0 merges
-    them (see ``distributed``); other ranks return once their shards are on disk."""
+    them (see ``distributed``); other ranks return once their shards are on disk. Without torchrun,
+    ``shard`` = (i, n) (zero-based; job arrays) embeds the chunks ``k % n == i`` into the shared partial
+    folder and stops; ``merge`` then writes the output from every shard's chunks (embedding none), the
+    same file a single process writes."""
     output = Path(output)
     fmt = format_for(output, fmt)
     if chunk_size < 1:
         raise MicrosnoopError("--chunk-size must be at least 1")
     embedder = embedder or Embedder(model, device=device, precision=precision, batch_size=batch_size)
-    d = dist.init(embedder.device)
+    d = dist.Dist(*shard) if shard is not None else dist.init(embedder.device)
     work = partial_dir(output)
     ranges = chunk_ranges(len(source), chunk_size)
     head = {k: embedder.encoder.config.get(k) for k in ("levels", "pool", "tta") if k in getattr(embedder.encoder, "config", {})}
@@ -114,7 +118,14 @@ def embed_source(source: ImageSource, output: str | Path, *, model: str | None =
              "chunk_size": chunk_size, "n_images": len(source), "channels": source.channel_names,
              "precision": embedder.precision, "normalization": NORMALIZATION}
     fresh = True
-    if d.main:
+    if shard is not None or merge:   # every shard joins (or starts) the same partial folder
+        fresh = False  # other shards' chunks live there too: never delete them
+        if output.exists() and not overwrite:
+            raise MicrosnoopError("output already exists (use --overwrite to replace it)", output)
+        check_state(work, state)
+        if merge:
+            _check_merge(work, ranges)
+    elif d.main:
         work = prepare_output(output, overwrite, resume)
         fresh = not work.exists()
         check_state(work, state)
@@ -122,7 +133,9 @@ def embed_source(source: ImageSource, output: str | Path, *, model: str | None =
             verify_finished_chunks(source, work, ranges)
     dist.barrier(d)
     try:
-        files = _embed_chunks(source, embedder, ranges, work, progress if d.main else None, d)
+        files = _embed_chunks(source, embedder, ranges, work, progress if (d.main or shard) else None, d)
+        if shard is not None:
+            return output
         dist.barrier(d)
         if d.main:
             digests = dist.finished_digests(work)
@@ -134,12 +147,23 @@ def embed_source(source: ImageSource, output: str | Path, *, model: str | None =
             shutil.rmtree(work, ignore_errors=True)
     except MicrosnoopError:
         # bad input will not get better on resume: leave nothing behind that this run created
+        # (and never another shard's chunks)
         if fresh:
             shutil.rmtree(work, ignore_errors=True)
         raise
     dist.barrier(d)
     dist.finish(d)
     return output
+
+
+def _check_merge(work: Path, ranges: list[tuple[int, int]]) -> None:
+    """--merge embeds nothing: every chunk must have been finished by some shard."""
+    done = dist.finished_chunks(work)
+    missing = [k for k in range(len(ranges)) if k not in done or not (work / f"chunk_{k:06d}.npy").exists()]
+    if missing:
+        raise MicrosnoopError(f"cannot merge: {len(missing)} of {len(ranges)} chunks are not finished (e.g. chunk "
+                              f"{missing[0]}, images {ranges[missing[0]][0]}-{ranges[missing[0]][1] - 1}); run the "
+                              f"missing shards first", work)
 
 
 def _embed_chunks(source: ImageSource, embedder: Embedder, ranges: list[tuple[int, int]], work: Path,

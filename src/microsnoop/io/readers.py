@@ -18,6 +18,7 @@ import pandas as pd
 
 from ..errors import MicrosnoopError, MicrosnoopWarning
 from .images import IMAGE_SUFFIXES, check_pixel_count, check_pixel_type, decode_image, read_file_bytes, read_image
+from .ometiff import ome_channel_names
 
 
 def _file_sig(path: Path) -> str:
@@ -243,7 +244,7 @@ class FolderSource(FileListSource):
             files = [[p] for p in all_files]
             keys = [p.stem for p in all_files]
             n = _probe_channels(all_files[0])
-            names = [f"ch{i}" for i in range(n)]
+            names = ome_channel_names(all_files[0], n) or [f"ch{i}" for i in range(n)]
         meta = pd.DataFrame({"Metadata_Image": keys,
                              "Metadata_FileName": [";".join(p.name for p in g) for g in files]})
         super().__init__(folder, files, meta, names)
@@ -345,15 +346,20 @@ class ManifestSource(FileListSource):
 def open_source(path: str | Path, *, channels: Sequence[str] | None = None, channel_names: Sequence[str] | None = None,
                 path_columns: Sequence[str] | None = None, channel_index: Sequence[int] | None = None,
                 metadata: str | Path | None = None, pattern: str = "*") -> ImageSource:
-    """Open any supported input: ``.npy``/``.npz`` array, ``.csv`` manifest, folder, or one image file."""
+    """Open any supported input: ``.npy``/``.npz`` array, ``.csv`` manifest, an OME-Zarr HCS plate, a folder
+    of images, or one image file (OME-TIFF channel names are used when present)."""
+    from .omezarr import OmeZarrPlateSource, is_ome_zarr_plate
+
     path = Path(path)
     if not path.exists():
         raise MicrosnoopError("file not found", path)
     if metadata is not None and (path.is_dir() or path.suffix.lower() not in (".npy", ".npz")):
         raise MicrosnoopError("--metadata applies to .npy/.npz array inputs; manifests and folders carry their own "
                               "metadata", metadata)
-    if path.is_dir():
-        src: ImageSource = FolderSource(path, channels=channels, pattern=pattern)
+    if path.is_dir() and is_ome_zarr_plate(path):
+        src: ImageSource = OmeZarrPlateSource(path, channels=channels)
+    elif path.is_dir():
+        src = FolderSource(path, channels=channels, pattern=pattern)
     elif path.suffix.lower() in (".npy", ".npz"):
         src = ArraySource(path, metadata=metadata)
     elif path.suffix.lower() == ".csv":
@@ -362,7 +368,7 @@ def open_source(path: str | Path, *, channels: Sequence[str] | None = None, chan
         n = _probe_channels(path)
         src = FileListSource(path, [[path]], pd.DataFrame({"Metadata_Image": [path.stem],
                                                             "Metadata_FileName": [path.name]}),
-                             [f"ch{i}" for i in range(n)])
+                             ome_channel_names(path, n) or [f"ch{i}" for i in range(n)])
     else:
         raise MicrosnoopError("unsupported input (expected .npy, .npz, .csv, an image file or a folder)", path)
     if channel_index and isinstance(src, FileListSource):

@@ -122,20 +122,28 @@ def network_engine(net: MicrosnoopUNet, engine: str | None, device: str, precisi
 
 def run_network(net: MicrosnoopUNet | torch.nn.Module, image: np.ndarray, rescale: float = 1.0, precision: str = "fp32"
                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(H, W) image -> flows (2, h, w), cell-probability logits (h, w), style (256,), at the network scale.
+    """(H, W) or (2, H, W) image -> flows (2, h, w), cell-probability logits (h, w), style (256,), at the
+    network scale.
 
+    A 2-D image is Cellpose's grayscale input ``[image, 0]``; a (2, H, W) image is its whole-cell input
+    ``[cytoplasm/membrane, nucleus]`` (each channel percentile-normalised on its own, as Cellpose does).
     ``rescale`` = 30 / diameter resizes the image so its objects are ~30 px; the outputs stay at that
     scale (h = round(H * rescale)), where the flow dynamics' step count is calibrated.
     """
-    x = normalize_percentile(np.asarray(image, dtype=np.float32)[None])[0]
+    image = np.asarray(image, dtype=np.float32)
+    two = image.ndim == 3
+    if two and image.shape[0] != 2:
+        raise MicrosnoopError(f"Cellpose takes 1 channel or 2 (cytoplasm, nucleus), got {image.shape[0]}")
+    x = normalize_percentile(image if two else image[None])
     if isinstance(net, MicrosnoopUNet):
-        net = CellposeForward(net, autocast=precision == "bf16")
+        net = CellposeForward(net, autocast=precision == "bf16")  # an engine module comes wrapped already
     dev = next(net.parameters()).device
-    t = torch.from_numpy(x)[None, None].to(dev)
+    t = torch.from_numpy(x)[None].to(dev)
     if abs(rescale - 1.0) > 1e-3:
-        size = (max(16, int(round(x.shape[0] * rescale))), max(16, int(round(x.shape[1] * rescale))))
+        size = (max(16, int(round(x.shape[1] * rescale))), max(16, int(round(x.shape[2] * rescale))))
         t = F.interpolate(t, size=size, mode="bilinear", align_corners=False, antialias=rescale < 1)
-    t = torch.cat([t, torch.zeros_like(t)], dim=1)  # Cellpose's grayscale input: [image, 0]
+    if not two:
+        t = torch.cat([t, torch.zeros_like(t)], dim=1)  # Cellpose's grayscale input: [image, 0]
     with torch.inference_mode():
         h, w = t.shape[-2:]
         ph, pw = (-h) % 16, (-w) % 16
@@ -154,7 +162,8 @@ def estimate_diameter(style: np.ndarray) -> float:
 
 
 class CellposeSegmenter:
-    """Callable (H, W) -> int32 labels; without ``diameter`` the object size is estimated per image
+    """Callable (H, W) nucleus/grayscale image, or (2, H, W) [cytoplasm, nucleus] pair for whole cells,
+    -> int32 labels; without ``diameter`` the object size is estimated per image
     (see :meth:`flows`)."""
 
     def __init__(self, diameter: float | None = None, device: str = "cpu", niter: int = 200,
@@ -234,14 +243,15 @@ class CellposeSegmenter:
 
     def __call__(self, image: np.ndarray) -> np.ndarray:
         image = np.asarray(image)
-        if image.ndim != 2:
-            raise MicrosnoopError(f"segmentation needs a 2-D image, got shape {image.shape}")
+        if image.ndim != 2 and not (image.ndim == 3 and image.shape[0] == 2):
+            raise MicrosnoopError(f"segmentation needs a 2-D image or (cytoplasm, nucleus) pair, got shape {image.shape}")
         dP, cp, rescale, masks = self.flows(image)
         if masks is None:
             masks = self._masks(dP, cp, rescale)
-        if masks.shape != image.shape:
+        shape = image.shape[-2:]
+        if masks.shape != shape:
             t = torch.from_numpy(masks.astype(np.float32))[None, None]
-            masks = F.interpolate(t, size=image.shape, mode="nearest")[0, 0].numpy().astype(np.int32)
+            masks = F.interpolate(t, size=shape, mode="nearest")[0, 0].numpy().astype(np.int32)
             from skimage.segmentation import relabel_sequential
 
             masks = relabel_sequential(masks)[0].astype(np.int32)
