@@ -301,7 +301,8 @@ def benchmark(
     out = out if out.is_terminal else Console(width=160)  # logs/CI: do not squeeze the columns into 80
     for table in rich_tables(res):
         out.print(table)
-    console.print(f"wrote {len(res.records)} scores to {paths['json']} and {paths['md']}")
+    console.print(f"wrote {len(res.records)} scores to {paths['json']} and {paths['md']}"
+                  + (f"; open {paths['html']} in a browser" if paths.get("html") else ""))
 
 
 

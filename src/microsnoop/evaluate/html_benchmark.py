@@ -78,7 +78,7 @@ def confusion_figure(data: dict[str, Any]) -> Any | None:
         fig.update_yaxes(autorange="reversed", title_text="true" if j == 1 else None, row=1, col=j)
         fig.update_xaxes(title_text="predicted", row=1, col=j)
     n = max(len(c["labels"]) for c in cms)
-    fig.update_layout(height=max(380, 120 + 22 * n), width=max(500, 420 * len(cms)), margin={"t": 90},
+    fig.update_layout(height=max(380, 120 + 22 * n), margin={"t": 90},
                       title=f"{data['dataset']} x {data['model']}: confusion (rows sum to 1)")
     return fig
 

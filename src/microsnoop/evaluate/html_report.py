@@ -41,7 +41,8 @@ SCORES = {"control": "control-direction score", "cells": "cells embedded", "foun
           "map": "mAP of the well's treatment"}
 
 CSS = """
-body{font-family:system-ui,-apple-system,"Segoe UI",Roboto,sans-serif;margin:0 330px 2em 2em;color:#222;max-width:1200px}
+body{font-family:system-ui,-apple-system,"Segoe UI",Roboto,sans-serif;margin:0 2em 2em 2em;color:#222;max-width:1200px}
+body.with-montage{margin-right:330px}
 h1{font-size:1.6em}h2{font-size:1.25em;border-bottom:1px solid #ddd;padding-bottom:.2em;margin-top:1.6em}
 table.tbl{border-collapse:collapse;font-size:.85em;margin:.5em 0 1em}
 table.tbl th,table.tbl td{border:1px solid #ccc;padding:3px 8px;text-align:right}
@@ -89,6 +90,10 @@ def write_html_report(run_dir: str | Path, output: str | Path | None = None, sco
     Path
         The written HTML file.
     """
+    try:
+        import plotly  # noqa: F401
+    except ImportError:
+        raise MicrosnoopError("report.html needs plotly: pip install 'microsnoop[report]'") from None
     run_dir = Path(run_dir)
     rep_path = run_dir / "report.json"
     if not rep_path.exists():
@@ -180,11 +185,11 @@ def page_html(title: str, body: list[str], montages: dict[str, str] | None = Non
 
     head = [f"<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><title>{html.escape(title)}</title>",
             f"<style>{CSS}</style>", f"<script type='text/javascript'>{get_plotlyjs()}</script>",
-            f"<script type='text/javascript'>{HOVER_JS}</script></head><body>"]
-    extra = []
+            f"<script type='text/javascript'>{HOVER_JS}</script></head>"]
+    extra = ["<body>" if montages is None else "<body class='with-montage'>"]
     if montages is not None:
         data = json.dumps(montages).replace("</", "<\\/")
-        extra = [f"<script type='application/json' id='montage-data'>{data}</script>",
+        extra += [f"<script type='application/json' id='montage-data'>{data}</script>",
                  "<div id='montage'><b>Hover a well or a cell</b><div class='well'></div><img alt='crops'>"
                  "<div class='note'>crops of the well: each tile is one cell, its channels side by side</div></div>"]
     return "\n".join(head + extra + body + ["</body></html>"])
