@@ -193,8 +193,8 @@ def plate_map_figure(d: PlateData, scores: dict[str, np.ndarray], pos: tuple[np.
     fig.update_layout(title=title, height=90 + 40 * R, width=min(1100, 160 + 56 * C), margin={"t": 90},
                       yaxis={"autorange": "reversed", "scaleanchor": "x", "constrain": "domain"},
                       xaxis={"side": "top", "dtick": 1}, plot_bgcolor="#eee",
-                      updatemenus=[{"buttons": buttons, "active": list(scores).index(default), "x": 0, "y": 1.22,
-                                    "xanchor": "left", "yanchor": "top"}])
+                      updatemenus=[{"buttons": buttons, "active": list(scores).index(default), "x": 1.0,
+                                    "y": 1.2, "xanchor": "right", "yanchor": "bottom"}])
     return fig
 
 
@@ -376,7 +376,7 @@ def plate_page(run_dir: Path, rep: dict[str, Any], score: str = "control") -> st
         plates = d.wells["Metadata_Plate"].astype(str) if "Metadata_Plate" in d.wells.columns else pd.Series([""] * len(d.wells))
         for j, p in enumerate(sorted(plates.unique(), key=natural_key)):
             sel = (plates == p).to_numpy()
-            fig = plate_map_figure(d, scores, pos, sel, default, f"Plate {p}: pick the score in the menu")
+            fig = plate_map_figure(d, scores, pos, sel, default, f"Plate {p}" if p else "Plate")
             body.append(figure_html(fig, "plate-map" if j == 0 else f"plate-map-{j + 1}", hover=True))
     fig = dose_figure(d, scores)
     if fig is not None:
