@@ -53,6 +53,7 @@ def load_plate(run_dir: Path, rep: dict[str, Any]) -> PlateData:
     if wells_path is None:
         raise MicrosnoopError("plate run folder has no wells table", run_dir)
     wells, feats, _ = read_profiles(wells_path)
+    wells = plain(wells)
     well_cols = [c for c in s.get("well", ["Metadata_Plate", "Metadata_Well"]) if c in wells.columns]
     if not well_cols:
         raise MicrosnoopError("the wells table has none of the run's well columns", wells_path)
@@ -61,16 +62,25 @@ def load_plate(run_dir: Path, rep: dict[str, Any]) -> PlateData:
     keys = well_keys(wells, well_cols)
     labels = treatment_labels(wells, s, rep)
     fpath = table_file(run_dir, s, "fields")
-    fields = read_profiles(fpath)[0] if fpath is not None else None
+    fields = plain(read_profiles(fpath)[0]) if fpath is not None else None
     cells, cell_feats = None, []
     if (run_dir / CELL_SAMPLE_NAME).exists():
         cells, cell_feats, _ = read_profiles(run_dir / CELL_SAMPLE_NAME)
+        cells = plain(cells)
         cells["_key"] = well_keys(cells, well_cols)
         lab = dict(zip(keys, labels))
         cells["_label"] = [lab.get(k, "?") for k in cells["_key"]]
     if fields is not None:
         fields["_key"] = well_keys(fields, well_cols)
     return PlateData(run_dir, rep, s, wells, feats, keys, labels, fields, cells, cell_feats)
+
+
+def plain(df: pd.DataFrame) -> pd.DataFrame:
+    """Categorical metadata (how .h5ad stores it) as plain values, so they sort and compare."""
+    for c in df.columns:
+        if isinstance(df[c].dtype, pd.CategoricalDtype):
+            df[c] = df[c].astype(object)
+    return df
 
 
 def well_keys(df: pd.DataFrame, cols: list[str]) -> np.ndarray:
