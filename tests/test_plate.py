@@ -43,6 +43,7 @@ def test_plate_end_to_end_on_8_real_wells(plate8, tmp_path, cli):
     assert sph["fits"][0]["n_controls"] == 4 and sph["fits"][0]["epsilon"] > 0
     assert rep["provenance"]["model"] == "cellpose-encoder"
     assert "Z'" in (out / "report.md").read_text()
+    assert (out / "report.html").stat().st_size > 1e6        # rendered from .h5ad tables too (categorical metadata)
 
     cells, _, _ = read_profiles(out / "cells.h5ad")
     fields, feats, prov = read_profiles(out / "fields.h5ad")

@@ -242,7 +242,7 @@ def plate(
     centres: Optional[Path] = typer.Option(None, "--centres", "--centers", help="CSV of cell centres (*_Location_Center_X/Y; ImageNumber or shared Metadata_* columns)."),
     centre_size: Optional[int] = typer.Option(None, "--centre-size", help="Crop side (px) around each given centre (default 2 x --diameter, else 32)."),
     keep_border: bool = typer.Option(False, "--keep-border", help="Also crop cells touching the field's border (skipped by default)."),
-    preview: int = typer.Option(0, "--preview", help="Save a PNG montage of this many crops per field (previews/)."),
+    preview: int = typer.Option(4, "--preview", help="Save a PNG montage of this many crops per field (previews/; report.html shows them; 0: none)."),
     save_masks: bool = typer.Option(False, "--save-masks", help="Keep each field's label image (masks/<field>.tif) for audit."),
     diameter: Optional[float] = typer.Option(None, "--diameter", help="Object diameter in pixels (default: estimated)."),
     segment_precision: str = typer.Option("auto", "--segment-precision", help="Cellpose network: auto (bf16 where native, ~2.6x faster on CPU) | fp32."),
@@ -322,7 +322,20 @@ def plate(
         return
     console.print(f"{r.get('n_wells')} wells, Z' = {r.get('z_prime', float('nan')):.3f}, mean mAP = "
                   f"{r.get('mean_map', float('nan')):.3f}; {len(r.get('warnings', []))} warning(s); report in "
-                  f"{res.files['report_md']}")
+                  f"{res.files.get('report_html', res.files['report_md'])}")
+
+
+@app.command()
+def report(
+    run_dir: Path = typer.Argument(..., help="A folder written by `microsnoop plate` or `microsnoop benchmark`."),
+    output: Optional[Path] = typer.Option(None, "--output", "-o", help="HTML file (default: RUN_DIR/report.html)."),
+    score: str = typer.Option("control", "--score", help="Plates: score the plate map opens on: control | cells | found | map."),
+) -> None:
+    """One self-contained HTML report (no network needed to open it) of a plate or benchmark run."""
+    from .evaluate.html_report import write_html_report
+
+    path = write_html_report(run_dir, output, score=score)
+    console.print(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB)")
 
 
 @app.command()
@@ -391,7 +404,8 @@ def benchmark(
     out = out if out.is_terminal else Console(width=160)  # logs/CI: do not squeeze the columns into 80
     for table in rich_tables(res):
         out.print(table)
-    console.print(f"wrote {len(res.records)} scores to {paths['json']} and {paths['md']}")
+    console.print(f"wrote {len(res.records)} scores to {paths['json']} and {paths['md']}"
+                  + (f"; open {paths['html']} in a browser" if paths.get("html") else ""))
 
 
 

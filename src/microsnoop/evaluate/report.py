@@ -87,7 +87,7 @@ def embedding_2d(X: np.ndarray, method: str) -> tuple[np.ndarray, str]:
     return P[:, :2], "PCA"
 
 
-def plot_embedding(sr: SetResult, path: Path, method: str) -> None:
+def plot_embedding(sr: SetResult, path: Path, method: str) -> tuple[np.ndarray, str]:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -109,6 +109,7 @@ def plot_embedding(sr: SetResult, path: Path, method: str) -> None:
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", metadata={"Software": None})
     plt.close(fig)
+    return xy, used
 
 
 def plot_confusions(sr: SetResult, path: Path) -> None:
@@ -142,6 +143,27 @@ def plot_confusions(sr: SetResult, path: Path) -> None:
     plt.close(fig)
 
 
+def save_plot_data(sr: SetResult, xy: tuple[np.ndarray, str] | None, path: Path) -> None:
+    """The 2-D map (points and labels) and row-normalised confusion matrices as JSON, for report.html."""
+    from sklearn.metrics import confusion_matrix
+
+    out: dict[str, Any] = {"dataset": sr.dataset, "model": sr.model, "label": sr.label, "confusions": []}
+    if xy is not None:
+        out["map"] = {"method": xy[1], "x": np.round(xy[0][:, 0], 4).tolist(), "y": np.round(xy[0][:, 1], 4).tolist(),
+                      "labels": sr.metadata[sr.label].astype(str).tolist()}
+    for column, res, _ in sr.results:
+        cm = confusion_matrix(res.y_true, res.y_pred, labels=res.labels)
+        out["confusions"].append({"column": column, "labels": [str(lab) for lab in res.labels], "counts": cm.tolist(),
+                                  "accuracy": _finite(res.accuracy), "macro_f1": _finite(res.macro_f1)})
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(out))
+    path.chmod(0o644)
+
+
+def _finite(v: float) -> float | None:
+    return float(v) if np.isfinite(v) else None
+
+
 def report_dict(run: BenchmarkRun) -> dict[str, Any]:
     return {"records": run.records, "datasets": run.datasets, "models": run.models, "skipped": run.skipped,
             "settings": run.settings, "environment": environment()}
@@ -165,14 +187,15 @@ def write_report(run: BenchmarkRun, report_dir: str | Path, plot: str = "umap",
     figures: dict[tuple[str, str], list[Path]] = {}
     for sr in run.set_results:
         base = f"{safe_name(sr.dataset)}__{safe_name(sr.model)}"
-        paths = []
+        paths, xy = [], None
         if plot != "none":
             paths.append(fig_dir / f"{base}_{plot}.png")
-            plot_embedding(sr, paths[-1], plot)
+            xy = plot_embedding(sr, paths[-1], plot)
         if sr.results:
             paths.append(fig_dir / f"{base}_confusion.png")
             plot_confusions(sr, paths[-1])
         figures[(sr.dataset, sr.model)] = paths
+        save_plot_data(sr, xy, fig_dir / f"{base}_plotdata.json")  # what report.html draws interactively
     report = report_dict(run)
     json_path = report_dir / "report.json"
     with atomic_path(json_path) as tmp:
@@ -182,7 +205,10 @@ def write_report(run: BenchmarkRun, report_dir: str | Path, plot: str = "umap",
         tmp.write_text(markdown_report(run, figures, report_dir))
     for p in [json_path, md_path, *(f for fs in figures.values() for f in fs)]:
         p.chmod(0o644)  # atomic_path's temporary files are private (0600); a report is meant to be shared
-    return {"json": json_path, "md": md_path}
+    from .html_report import write_html_report_safely  # never fails the run: a warning at worst
+
+    html_path = write_html_report_safely(report_dir)
+    return {"json": json_path, "md": md_path, **({"html": html_path} if html_path else {})}
 
 
 def markdown_report(run: BenchmarkRun, figures: dict[tuple[str, str], list[Path]], report_dir: Path) -> str:

@@ -8,6 +8,8 @@
 - ``wells_raw.<fmt>``: fields averaged per well (``--well`` columns), before any normalisation;
 - ``wells.<fmt>``: well profiles normalised and/or sphered against the negative-control wells;
 - ``treatments.<fmt>``: those profiles averaged per treatment;
+- ``report.html``: the same in a browser (plate map, dose response, maps, crops), with
+  ``cells_sample.parquet`` (a few cells per field for its cell map) and ``previews/`` (crop montages);
 - ``report.json`` / ``report.md``: Z' between negative and positive controls along the control
   direction, Spearman of that direction with the dose in each row block, mAP per treatment (copairs).
 
@@ -52,7 +54,7 @@ class PlateSettings:
     centres: str | None = None                        # segmenter centres: CSV with *_Location_Center_X/Y
     centre_size: int | None = None                    # crop side around each given centre (px)
     keep_border: bool = False                         # also crop cells touching the field's border
-    preview: int = 0                                  # save a montage of this many crops per field
+    preview: int = 4                                  # save a montage of this many crops per field (report.html)
     save_masks: bool = False                          # keep each field's label image (masks/<field>.tif)
     threads: int | None = None                        # torch CPU threads (None: all this process may use)
     segment_precision: str = "auto"                   # Cellpose network: auto (bf16 where native) | fp32 | bf16
@@ -294,6 +296,9 @@ def run_plate(manifest: str | Path, output: str | Path, settings: PlateSettings 
               "files": {k: str(v) for k, v in files.items()}}
     files["report_json"] = _write_text(output / "report.json", json.dumps(_jsonable(report), indent=1))
     files["report_md"] = _write_text(output / "report.md", render_markdown(report))
+    from ..evaluate.html_report import plate_report_safely  # never fails the run: a warning at worst
+
+    files.update(plate_report_safely(output, cells, feats))
     if store.exists():
         shutil.rmtree(store.folder, ignore_errors=True)
     return PlateResult(output, files, report, timings)
