@@ -48,7 +48,11 @@ def load_plate(run_dir: Path, rep: dict[str, Any]) -> PlateData:
     """Read the wells (and, when present, fields and the cell sample) of a plate run folder."""
     from ..profiling.table import read_profiles
 
-    s = rep.get("provenance", {}).get("plate_settings", {})
+    s = dict(rep.get("provenance", {}).get("plate_settings", {}))
+    plan = rep.get("provenance", {}).get("plan") or {}
+    for key in ("controls", "positive", "treatment"):  # the resolved queries/columns, not "auto" or None
+        if key in plan:
+            s[key] = plan[key]
     wells_path = table_file(run_dir, s, "wells")
     if wells_path is None:
         raise MicrosnoopError("plate run folder has no wells table", run_dir)
