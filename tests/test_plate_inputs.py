@@ -229,10 +229,10 @@ def _no_controls(cp3: Path, tmp_path: Path) -> Path:
 
 
 BAD = [
-    (["--format", "xlsx"], "unknown --format 'xlsx'"),
-    (["--normalize", "zscore"], "unknown --normalize 'zscore'"),
+    (["--format", "xlsx"], "--format must be parquet, h5 or h5ad, not 'xlsx'"),
+    (["--normalize", "zscore"], "--normalize must be standardize or mad_robustize, not 'zscore'"),
     (["--controls", 'Metadata_Control == "DMSO"'], "selects no well"),
-    (["--controls", "Metadata_Nope == 1"], "cannot evaluate --controls query"),
+    (["--controls", "Metadata_Nope == 1"], "--controls 'Metadata_Nope == 1': no column 'Metadata_Nope'"),
     (["--controls", "Metadata_Site == 1"], "varies within a well"),
     (["--positive", 'Metadata_Role == "positive"'], "--positive 'Metadata_Role == \"positive\"' selects no well"),
     (["--treatment", "Metadata_Compound"], "--treatment column(s) Metadata_Compound not in"),

@@ -272,20 +272,25 @@ def plate(
     from .pipelines.plate import PlateSettings, run_plate
     from .profiling.query import check_query
 
+    from .io.omezarr import is_ome_zarr_plate
+
     _check_out(output, "folder")
-    if not manifest.is_file():
-        raise MicrosnoopError("manifest not found" if not manifest.exists() else "manifest must be a CSV file", manifest)
-    columns = list(read_csv_columns(manifest))
-    if controls is not None:  # None / "auto": inferred from the plate map (pipelines/plate_checks.py)
+    zarr_plate = manifest.is_dir() and is_ome_zarr_plate(manifest)
+    if not (manifest.is_file() or zarr_plate):
+        raise MicrosnoopError("manifest not found" if not manifest.exists() else
+                              "manifest must be a CSV file or an OME-Zarr HCS plate", manifest)
+    # an OME-Zarr plate's metadata is checked by run_plate's own checks (pipelines/plate_checks.py)
+    columns = None if zarr_plate else list(read_csv_columns(manifest))
+    if controls is not None and columns is not None:  # None / "auto": inferred from the plate map
         check_query(controls, columns, "--controls")
-    if positive and positive != "auto":
+    if positive and positive != "auto" and columns is not None:
         check_query(positive, columns, "--positive")
     # options used only after every field is embedded: check them now, not after an hour of work
     if normalize is not None and normalize not in ("standardize", "mad_robustize"):
         raise MicrosnoopError(f"--normalize must be standardize or mad_robustize, not '{normalize}'")
     if fmt not in ("parquet", "h5", "h5ad"):
         raise MicrosnoopError(f"--format must be parquet, h5 or h5ad, not '{fmt}'")
-    missing = [c for c in _split(treatment) or [] if c not in columns]
+    missing = [c for c in _split(treatment) or [] if columns is not None and c not in columns]
     if missing:
         raise MicrosnoopError(f"--treatment column(s) {', '.join(missing)} not in the manifest", manifest)
     s = PlateSettings(channels=_split(channels), segment_channel=segment_channel, segmenter=segmenter, diameter=diameter,

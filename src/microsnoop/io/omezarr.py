@@ -154,8 +154,15 @@ class OmeZarrPlateSource(ImageSource):
                                       f"{exc})", where) from None
         return np.stack(planes)
 
-    def read(self, start: int, stop: int) -> list[np.ndarray]:
-        return [self.read_one(i) for i in range(start, stop)]
+    def read(self, start: int, stop: int, digest: Any = None) -> list[np.ndarray]:
+        """Fields ``start:stop``; ``digest`` (a hashlib object), when given, is fed the pixels read
+        (chunks are compressed: the decoded pixels are what the embedding saw)."""
+        images = [self.read_one(i) for i in range(start, stop)]
+        if digest is not None:
+            for img in images:
+                digest.update(f"{img.dtype.str}{img.shape}".encode())
+                digest.update(memoryview(np.ascontiguousarray(img)).cast("B"))
+        return images
 
     def name(self, i: int) -> str:
         return str(self.path / self.fields[i])
