@@ -97,14 +97,16 @@ class FusedUNetEncoder(nn.Module):
 
 
 class _PostPool(nn.Module):
-    """An encoder's ``post_pool`` in fp32, outside the bf16 body (tiny, precision-sensitive)."""
+    """A distilled encoder's projections in fp32, outside the bf16 body (tiny, precision-sensitive)."""
 
     def __init__(self, encoder: nn.Module):
         super().__init__()
-        self.encoder_post = copy.deepcopy(encoder).float()
+        self.proj = copy.deepcopy(encoder.proj).float()  # only the projections, not the whole encoder
+        self.order = list(encoder.teachers)
 
     def forward(self, v: torch.Tensor) -> torch.Tensor:
-        return self.encoder_post.post_pool(v.float())
+        v = v.float()
+        return torch.cat([self.proj[n](v) for n in self.order], dim=1)
 
 
 def fast_module(encoder: nn.Module, device: torch.device, precision: str) -> tuple[nn.Module, bool]:

@@ -160,7 +160,7 @@ def evaluate_wells(wells: pd.DataFrame, feats: list[str], s: PlateSettings, plan
     rep["n_negative"] = int(neg.sum())
     try:
         if plan.positive is not None:
-            pos = select_rows(wells, plan.positive)
+            pos = select_rows(wells, plan.positive, "--positive")
             rep.update(evaluate_plate(wells, feats, neg, pos, dose=s.dose, block=s.block, treatment=plan.treatment,
                                       null_size=s.map_null_size))
             rep["treatment_columns"] = plan.treatment

@@ -103,14 +103,18 @@ def _query(column: str, value: str) -> str:
     return f"{column} == {quoted}"
 
 
+def _given_query(meta: pd.DataFrame, given: str, option: str) -> tuple[str, str]:
+    """A user's query, checked to select at least one row (errors name ``option``)."""
+    if int(select_rows(meta, given, option).sum()) == 0:
+        raise MicrosnoopError(f"{option} {given!r} selects no well of the plate")
+    return given, "given"
+
+
 def infer_controls(meta: pd.DataFrame, given: str | None) -> tuple[str | None, str]:
     """The negative-control query: ``given`` (must select rows), else the first Metadata_* column with a
     value such as negative/DMSO/mock; returns (query or None, how it was chosen)."""
     if given:
-        n = int(select_rows(meta, given).sum())
-        if n == 0:
-            raise MicrosnoopError(f"--controls {given!r} selects no well of the plate")
-        return given, "given"
+        return _given_query(meta, given, "--controls")
     hits = _word_rows(meta, NEGATIVE_WORDS)
     if not hits:
         return None, "no column says negative/DMSO/mock"
@@ -123,13 +127,7 @@ def infer_positive(meta: pd.DataFrame, given: str | None) -> tuple[str | None, s
     if given is None or str(given).strip() == "":
         return None, "none given"
     if given != "auto":
-        try:
-            n = int(select_rows(meta, given).sum())
-        except MicrosnoopError as exc:
-            raise MicrosnoopError(str(exc).replace("--controls query", "--positive query")) from None
-        if n == 0:
-            raise MicrosnoopError(f"--positive {given!r} selects no well of the plate")
-        return given, "given"
+        return _given_query(meta, given, "--positive")
     hits = _word_rows(meta, POSITIVE_WORDS)
     if not hits:
         return None, "no column says positive"

@@ -166,6 +166,28 @@ def augment_crop(plane: np.ndarray, lo: float, hi: float, size: int, rng: np.ran
     return np.ascontiguousarray(crop, dtype=np.float32)
 
 
+CLIP_MAX = 8.0  # a single bright speck in a dim crop can sit far above the 99th percentile: keep it bounded
+
+
+def normalize_crops(x: np.ndarray) -> np.ndarray:
+    """(B, 1, H, W) -> each crop mapped by its own 1st/99th percentiles (constant crops become 0)."""
+    flat = x.reshape(len(x), -1)
+    lo, hi = np.percentile(flat, [1.0, 99.0], axis=1)
+    scale = np.where(hi > lo, hi - lo, 1.0)
+    out = (flat - lo[:, None]) / scale[:, None]
+    out[hi <= lo] = 0.0
+    return out.reshape(x.shape).astype(np.float32)
+
+
+def intensity_view(x: np.ndarray, rng: np.random.Generator, gamma: tuple[float, float], noise: float) -> np.ndarray:
+    """The student's view: gamma (on the clipped [0, 1] range), additive Gaussian noise, re-normalised."""
+    g = np.exp(rng.uniform(np.log(gamma[0]), np.log(gamma[1]), size=(len(x), 1, 1, 1))).astype(np.float32)
+    y = np.clip(x, 0.0, None) ** g
+    sigma = (noise * rng.random((len(x), 1, 1, 1))).astype(np.float32)
+    y = y + sigma * rng.standard_normal(x.shape).astype(np.float32)
+    return normalize_crops(y)
+
+
 class StepBatches(torch.utils.data.Dataset):
     """Map-style dataset whose item ``i`` is the whole batch for global step ``i``.
 

@@ -16,7 +16,7 @@ from torch import nn
 from ...models.microsnoop_unet import UNetEncoder
 from ...models.unet import MicrosnoopUNet
 from ..base import MethodSpec, PretextMethod, load_matching, register_method
-from ..data import ImagePool, StepBatches
+from ..data import ImagePool, StepBatches, intensity_view, normalize_crops
 
 
 def patch_mask(h: int, w: int, ratio: float, rng: np.random.Generator, patch: int = 16) -> np.ndarray:
@@ -81,8 +81,6 @@ class MaeUNet(PretextMethod):
         def extra(imgs: torch.Tensor, rng: np.random.Generator) -> dict[str, torch.Tensor]:
             out = {}
             if gamma or noise:
-                from .distill_unet import intensity_view, normalize_crops
-
                 imgs = torch.from_numpy(intensity_view(normalize_crops(imgs.numpy()), rng, tuple(gamma or (1.0, 1.0)), noise))
                 out["image"] = imgs
             out["mask"] = apply_mask(imgs, ratio, rng, patch)
