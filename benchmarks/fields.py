@@ -10,7 +10,7 @@ Prints two tables:
    field, Pearson r of the per-field counts), and object F1 at IoU 0.5 (pooled over all fields, with
    precision and recall; plus the mean of per-field F1s) for each segmenter, with its time per field.
 2. Field classification (cell line) per model and mode: the set's protocols (1-NN leave-one-out and
-   5-fold MLP accuracy) on field vectors from ``microsnoop benchmark --fields-mode MODE``.
+   5-fold MLP accuracy) on field vectors from ``microsnoop benchmark --mode MODE``.
 
 Segmentations and embeddings are cached in REPORT_DIR/cache exactly as ``microsnoop benchmark``
 caches them (same keys), so the two share work and a rerun only re-scores.

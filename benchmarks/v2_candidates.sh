@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Scores the v2 recipe candidates beside the baselines and v1 in one `microsnoop benchmark` run per set
 # (issue 14). Candidates are run folders outside the repo; the embedding cache in REPORT is shared with
-# `python -m microsnoop.evaluate.refresh --report-dir REPORT`, so the docs page reuses these vectors.
+# `python benchmarks/refresh.py --report-dir REPORT`, so the docs page reuses these vectors.
 #   bash benchmarks/v2_candidates.sh /work/runs /work/bench/all [set ...]
 set -euo pipefail
 RUNS=${1:?run folders parent}; REPORT=${2:?report dir}; shift 2

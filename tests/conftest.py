@@ -42,6 +42,18 @@ def run_cli(args: list[str], capsys) -> tuple[int, str, str]:
     return code, out.out, out.err
 
 
+@pytest.fixture(scope="session")
+def refresh_module():
+    """benchmarks/refresh.py (a developer tool outside the installed package), imported from its file."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "refresh.py"
+    spec = importlib.util.spec_from_file_location("microsnoop_benchmarks_refresh", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 @pytest.fixture
 def cli(capsys):
     return lambda *args: run_cli(list(args), capsys)

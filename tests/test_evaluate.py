@@ -277,8 +277,8 @@ def test_missing_baseline_package_says_how_to_install(monkeypatch):
         create_model("imagenet-effnet-lite0")
 
 
-def test_refresh_writes_docs_page_with_every_given_model(bbbc021_small, tmp_path, monkeypatch):
-    from microsnoop.evaluate import refresh
+def test_refresh_writes_docs_page_with_every_given_model(bbbc021_small, tmp_path, monkeypatch, refresh_module):
+    refresh = refresh_module
 
     data = tmp_path / "data"
     (data / "benchmarks").mkdir(parents=True)
@@ -294,7 +294,7 @@ def test_refresh_writes_docs_page_with_every_given_model(bbbc021_small, tmp_path
     assert "| microsnoop-unet-v2 minus | bbbc021_small |" in head_to_head
     assert "| handcrafted | " in head_to_head and "/ 1 |" in head_to_head
     assert "imagenet-effnet-lite0" in text and "microsnoop[baselines]" in text  # listed as not run, with the hint
-    assert "python -m microsnoop.evaluate.refresh" in text
+    assert "python benchmarks/refresh.py" in text and "microsnoop compare REPORT/report.json" in text
     assert refresh.main(["--data", str(tmp_path / "empty")]) == 2
 
 

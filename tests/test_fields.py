@@ -352,7 +352,7 @@ def test_segment_command_on_an_array_set_and_a_manifest(shared_data, plate2, tmp
     assert np.load(tmp_path / "seg" / "masks.npy").shape == (2, 256, 336)
     summary = json.loads((tmp_path / "seg" / "segmentation.json").read_text())
     assert summary["channel"] == "DNA" and summary["iou_0.5"]["f1"] > 0.8 and "F1@0.5" in err
-    code, _, err = cli("segment", plate2, "-o", tmp_path / "seg2", "--segmenter", "classical", "--channel", "DNA")
+    code, _, err = cli("segment", plate2, "-o", tmp_path / "seg2", "--segmenter", "classical", "--segment-channel", "DNA")
     assert code == 0, err
     assert sorted(p.stem for p in (tmp_path / "seg2").glob("*.tif")) == sorted(
         Path(f).stem for f in pd.read_csv(plate2)["FileName_DNA"])

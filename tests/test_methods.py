@@ -268,9 +268,10 @@ def test_channel_blocks_from_feature_names():
     assert [b[0] for b in blocks] == ["GFP_protein", "RFP_cytosol"] and list(blocks[1][1]) == [3, 4, 5]
 
 
-def test_peer_section_survives_regeneration(tmp_path):
+def test_peer_section_survives_regeneration(tmp_path, refresh_module):
     """The peer section renders from the json alone and replaces only itself in a regenerated page."""
-    from microsnoop.evaluate.refresh import PEER_END, PEER_START, render_peers, replace_peer_section
+    PEER_END, PEER_START = refresh_module.PEER_END, refresh_module.PEER_START
+    render_peers, replace_peer_section = refresh_module.render_peers, refresh_module.replace_peer_section
 
     peers = {"methods": [{"method": "dino-vit", "data": "../shared/data/pretrain", "split": None, "steps": 4,
                           "images_seen": 16, "wall_s": 60.0, "hardware": "cpu", "dim_per_channel": 192,

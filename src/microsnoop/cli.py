@@ -13,16 +13,81 @@ import warnings
 from pathlib import Path
 from typing import List, Optional
 
+import click
 import typer
 from rich.console import Console
 from rich.table import Table
+from typer.core import TyperCommand
 
 from .errors import MicrosnoopError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
-                  help="Embed microscopy images (Microsnoop): single cells, whole fields and plates.")
-console = Console(stderr=True)
+                  help="Embed microscopy images (Microsnoop): single cells, whole fields and plates. "
+                       "Options and renamed options: docs/cli.md.")
+console = Console(stderr=True)  # progress, warnings and summary lines; silenced by -q
+err_console = Console(stderr=True)  # errors: printed even under -q
 log = logging.getLogger("microsnoop")
+
+# Options renamed so that one setting has one name in every command (docs/cli.md, "Renamed options").
+# The old names still work, hidden from --help, with a one-line deprecation warning.
+RENAMED: dict[str, dict[str, str]] = {
+    "segment": {"--channel": "--segment-channel"},
+    "profile": {"--method": "--aggregate-method"},
+    "benchmark": {"--fields-mode": "--mode", "--fields-segmenter": "--segmenter"},
+}
+
+# help shared by the commands that have the option, so one setting reads the same everywhere
+HELP_DEVICE = "auto (CUDA, then MPS, then CPU) | cpu | cuda | cuda:N | mps."
+HELP_ENGINE = ("CPU inference engine: auto (= torch, or $MICROSNOOP_ENGINE) | torch | openvino | onnxruntime (opt-in, "
+               "from the 'fast' extra that install.sh installs; each export is validated at cosine >= 0.999 to fp32 on "
+               "its first batch, else torch runs).")
+HELP_OVERWRITE = "Replace an existing output."
+HELP_CHANNELS = ("Folder input: channel tokens in file names, e.g. 'w1,w2,w3'. Manifest: channel names of "
+                 "FileName_<name> columns to use, in order.")
+HELP_PATH_COLUMNS = "Manifest: path columns, one per channel (default: all FileName_* columns)."
+HELP_CHANNEL_INDEX = "Keep these planes of multi-channel files, e.g. 0,1 (drops an empty blue plane of RGB PNGs)."
+HELP_THREADS = "CPU threads for torch (default: all available)."
+
+
+class Command(TyperCommand):
+    """A typer command that accepts its renamed options' old names (with a warning) and fills lazy help."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        return super().parse_args(ctx, renamed_args(self.name or "", args))
+
+    def format_help(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        for param in self.params:  # help that needs imports (e.g. the training methods) only when asked for
+            lazy = LAZY_HELP.get((self.name or "", param.name or ""))
+            if lazy is not None and not getattr(param, "lazy_done", False):
+                param.help = f"{param.help} {lazy()}"
+                param.lazy_done = True
+        super().format_help(ctx, formatter)
+
+
+def training_methods_help() -> str:
+    """'Registered: mae-unet, dino-vit, ...': the method registry, for train --help."""
+    from .train.base import list_methods
+
+    return "Registered: " + ", ".join(m.name for m in list_methods()) + " (docs/methods.md)."
+
+
+LAZY_HELP = {("train", "method"): training_methods_help}
+
+
+def renamed_args(command: str, args: list[str]) -> list[str]:
+    """Replace the old names of renamed options by the new ones, warning once per old name on stderr."""
+    table = RENAMED.get(command, {})
+    out = []
+    for i, arg in enumerate(args):
+        if arg == "--":  # everything after is an argument, not an option
+            return out + args[i:]
+        name, eq, value = arg.partition("=")
+        if name in table:
+            err_console.print(f"warning: {command} {name} is deprecated; use {table[name]}", highlight=False,
+                              markup=False, soft_wrap=True)
+            arg = table[name] + eq + value
+        out.append(arg)
+    return out
 
 
 def _split(value: Optional[str]) -> Optional[list[str]]:
@@ -62,13 +127,17 @@ def progress_bar(total: int, label: str):
             return Text(f"{task.speed:7.1f} img/s" if task.speed else "    - img/s")
 
     prog = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), Speed(),
-                    TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(), console=console)
+                    TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(), console=console,
+                    disable=console.quiet)
     task = prog.add_task(label, total=total)
     return prog, lambda n: prog.advance(task, n)
 
 
 @app.callback()
-def _main(verbose: bool = typer.Option(False, "--verbose", "-v", help="Log details (device choice, timings)."),
+def _main(verbose: int = typer.Option(0, "--verbose", "-v", count=True,
+                                      help="More detail: -v logs steps (model, device, timings), -vv debug lines."),
+          quiet: bool = typer.Option(False, "--quiet", "-q", help="Errors only: no progress bars, warnings or "
+                                     "summary lines (tables and reports a command prints on stdout still print)."),
           max_pixels: Optional[str] = typer.Option(None, "--max-pixels", help="Refuse images with more pixels than this "
                                                    "(default 200000000; also $MICROSNOOP_MAX_PIXELS), checked from the "
                                                    "file header before decoding.")) -> None:
@@ -77,36 +146,54 @@ def _main(verbose: bool = typer.Option(False, "--verbose", "-v", help="Log detai
 
         os.environ[MAX_PIXELS_ENV] = max_pixels
         check()  # a bad value fails now, naming the option
-    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(message)s")
-    log.setLevel(logging.INFO)
+    configure_output(verbose, quiet)
+
+
+def configure_output(verbose: int, quiet: bool) -> None:
+    """Default: warnings, progress and summary lines; -v adds INFO log lines, -vv DEBUG; -q errors only."""
+    if quiet and verbose:
+        raise MicrosnoopError("-q/--quiet and -v/--verbose contradict each other: give one")
+    level = logging.ERROR if quiet else (logging.WARNING, logging.INFO, logging.DEBUG)[min(verbose, 2)]
+    for h in list(log.handlers):  # one handler, on the current stderr (a second run in one process replaces it)
+        if getattr(h, "microsnoop_cli", False):
+            log.removeHandler(h)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    handler.microsnoop_cli = True
+    log.addHandler(handler)
+    log.setLevel(level)
+    log.propagate = False  # the root logger's handlers would print the same lines again
+    console.quiet = quiet
+    if quiet:
+        warnings.simplefilter("ignore")  # main() scopes this to the one command
     # our own warnings (e.g. "model is untrained") as one plain line, not a source listing
     warnings.formatwarning = lambda msg, cat, *a, **k: f"warning: {msg}\n"
 
 
-@app.command()
+@app.command(cls=Command)
 def embed(
     input: Path = typer.Argument(..., help=".npy/.npz (N,C,H,W), a folder of TIFF/PNG images, a CSV manifest, or one image."),
     output: Path = typer.Option(..., "--output", "-o", help="Output file: .parquet, .h5 or .h5ad."),
     model: Optional[str] = typer.Option(None, "--model", "-m", help="Registered model name (see `microsnoop models`) or a checkpoint path. Default: the shipped default model."),
     fmt: Optional[str] = typer.Option(None, "--format", help="parquet | h5 | h5ad (default: from the output suffix)."),
-    channels: Optional[str] = typer.Option(None, "--channels", help="Folder input: channel tokens in file names, e.g. 'w1,w2,w3'. Manifest: channel names of FileName_<name> columns to use, in order."),
+    channels: Optional[str] = typer.Option(None, "--channels", help=HELP_CHANNELS),
     channel_names: Optional[str] = typer.Option(None, "--channel-names", help="Names for the channels, in order, e.g. DNA,Tubulin,Actin (default: dataset.json, tokens, or ch0,ch1...)."),
-    channel_index: Optional[str] = typer.Option(None, "--channel-index", help="Keep these planes of multi-channel files, e.g. 0,1 (drops an empty blue plane of RGB PNGs)."),
-    path_columns: Optional[str] = typer.Option(None, "--path-columns", help="Manifest: path columns, one per channel (default: all FileName_* columns)."),
+    channel_index: Optional[str] = typer.Option(None, "--channel-index", help=HELP_CHANNEL_INDEX),
+    path_columns: Optional[str] = typer.Option(None, "--path-columns", help=HELP_PATH_COLUMNS),
     metadata: Optional[Path] = typer.Option(None, "--metadata", help="Array input: metadata CSV (default: metadata.csv beside it)."),
     chunk_size: int = typer.Option(1024, "--chunk-size", help="Images read and kept in memory at a time."),
     batch_size: Optional[int] = typer.Option(None, "--batch-size", help="One-channel planes per forward pass (default: auto, ~1M pixels: 256 planes of 64x64, 20 of 224x224)."),
-    device: str = typer.Option("auto", "--device", help="auto (CUDA, then MPS, then CPU) | cpu | cuda | cuda:N | mps."),
+    device: str = typer.Option("auto", "--device", help=HELP_DEVICE),
     precision: str = typer.Option("auto", "--precision", help="auto (default: bf16 on CPUs with native bf16 and on CUDA, for models validated in bf16 - cosine >= 0.999 to fp32; else fp32) | fp32 | bf16."),
     threads: Optional[int] = typer.Option(None, "--threads", help="CPU threads per process (default: the CPUs available, divided among torchrun's local ranks)."),
     resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run from its finished chunks."),
     shard: Optional[str] = typer.Option(None, "--shard", help="i/n: embed only every n-th chunk from the i-th (1-based; job arrays), then stop; finish with --merge."),
     merge: bool = typer.Option(False, "--merge", help="Write the output from the chunks of all --shard runs (embeds nothing)."),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output."),
+    overwrite: bool = typer.Option(False, "--overwrite", help=HELP_OVERWRITE),
     tta: Optional[str] = typer.Option(None, "--tta", help="Test-time augmentation: none | rot4 | d8 (average over 4 rotations / 8 rotations+flips: exactly invariant, 4x / 8x slower). Default: the model's head."),
     levels: Optional[str] = typer.Option(None, "--levels", help="U-Net models: encoder levels pooled: all | last | 1-3 | 2+3. Default: the model's head."),
     pool: Optional[str] = typer.Option(None, "--pool", help="U-Net models: mean | max | meanmax pooling of each level. Default: the model's head."),
-    engine: str = typer.Option("auto", "--engine", help="CPU inference engine: auto (= torch, or $MICROSNOOP_ENGINE) | torch | openvino | onnxruntime (opt-in, from the 'fast' extra that install.sh installs; each export is validated at cosine >= 0.999 to fp32 on its first batch, else torch runs)."),
+    engine: str = typer.Option("auto", "--engine", help=HELP_ENGINE),
 ) -> None:
     """Embed images: every channel separately, vectors concatenated in channel order (the model's dim per channel)."""
     from .pipelines.fieldstore import parse_shard
@@ -144,7 +231,7 @@ def embed(
                   f"({', '.join(src.channel_names)}) to {out}")
 
 
-@app.command()
+@app.command(cls=Command)
 def models() -> None:
     """List registered models: licence, training data, input size, default head, sha256."""
     from .models import default_model_name, list_models
@@ -159,12 +246,12 @@ def models() -> None:
     Console().print(table)
 
 
-@app.command()
+@app.command(cls=Command)
 def inspect(
     input: Path = typer.Argument(..., help="Input to check before a long run (same forms as `embed`)."),
-    channels: Optional[str] = typer.Option(None, "--channels"),
-    path_columns: Optional[str] = typer.Option(None, "--path-columns"),
-    channel_index: Optional[str] = typer.Option(None, "--channel-index"),
+    channels: Optional[str] = typer.Option(None, "--channels", help=HELP_CHANNELS),
+    path_columns: Optional[str] = typer.Option(None, "--path-columns", help=HELP_PATH_COLUMNS),
+    channel_index: Optional[str] = typer.Option(None, "--channel-index", help=HELP_CHANNEL_INDEX),
     group_by: Optional[str] = typer.Option(None, "--group-by", help="Metadata columns to count images by (default: Plate/Well-like columns)."),
 ) -> None:
     """Pre-flight check: files exist and decode, channel counts and shapes agree, no file used twice."""
@@ -182,7 +269,7 @@ def inspect(
         raise typer.Exit(2)
 
 
-@app.command()
+@app.command(cls=Command)
 def doctor() -> None:
     """Versions, available devices and a one-image self-test."""
     from .doctor import run_doctor
@@ -192,7 +279,7 @@ def doctor() -> None:
         raise typer.Exit(1)
 
 
-@app.command("sample-data")
+@app.command("sample-data", cls=Command)
 def sample_data(output: Path = typer.Argument(Path("microsnoop-samples"), help="Folder to write the sample images to.")) -> None:
     """Write real sample images (Cellpose test images shipped with scellseg) as per-channel TIFFs + masks."""
     from .io.samples import export_samples
@@ -201,34 +288,34 @@ def sample_data(output: Path = typer.Argument(Path("microsnoop-samples"), help="
     console.print(f"wrote {n} sample fields to {output} (channels: _nuclei.tif, _cyto.tif; masks in masks/)")
 
 
-@app.command()
+@app.command(cls=Command)
 def profile(
     input: Path = typer.Argument(..., help="Embeddings/profiles file (.parquet, .h5, .h5ad) with Metadata_* columns."),
     output: Path = typer.Option(..., "--output", "-o", help="Profiles out (.parquet, .h5, .h5ad); treatments go to <output>.treatments.<ext>."),
     controls: str = typer.Option('Metadata_Control == "negative"', "--controls", help="Rows of the negative controls: column comparisons, 'in [...]', and/or/not (a safe subset of pandas queries; no @ or code)."),
     aggregate: Optional[str] = typer.Option(None, "--aggregate", help="First aggregate by these columns, e.g. Metadata_Plate,Metadata_Well."),
-    method: str = typer.Option("mean", "--method", help="Aggregation: mean | median."),
+    aggregate_method: str = typer.Option("mean", "--aggregate-method", help="How --aggregate combines rows: mean | median."),
     normalize: Optional[str] = typer.Option(None, "--normalize", help="Per-plate normalisation to the controls: standardize | mad_robustize."),
     sphere: bool = typer.Option(False, "--sphere", help="ZCA-cor whitening fitted on the controls, regularised at the eigenvalue knee."),
     sphere_by: str = typer.Option("Metadata_Plate", "--sphere-by", help="Batch columns for per-batch sphering; 'global' for one fit."),
     treatment: Optional[str] = typer.Option(None, "--treatment", help="Finally aggregate per treatment by these columns."),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output."),
+    overwrite: bool = typer.Option(False, "--overwrite", help=HELP_OVERWRITE),
 ) -> None:
     """Aggregate, normalise against negative controls, sphere and aggregate per treatment."""
     from .profiling.pipeline import ProfileSettings, run_profile
 
     if normalize is not None and normalize not in ("standardize", "mad_robustize"):
         raise MicrosnoopError(f"--normalize must be standardize or mad_robustize, not '{normalize}'")
-    if method not in ("mean", "median"):
-        raise MicrosnoopError(f"--method must be mean or median, not '{method}'")
-    s = ProfileSettings(controls=controls, aggregate=_split(aggregate), aggregate_method=method, normalize=normalize,
+    if aggregate_method not in ("mean", "median"):
+        raise MicrosnoopError(f"--aggregate-method must be mean or median, not '{aggregate_method}'")
+    s = ProfileSettings(controls=controls, aggregate=_split(aggregate), aggregate_method=aggregate_method, normalize=normalize,
                         sphere=sphere, sphere_by=None if sphere_by == "global" else _split(sphere_by),
                         treatment=_split(treatment))
     out = run_profile(input, output, s, overwrite=overwrite, command=command_line())
     console.print("wrote " + ", ".join(f"{k} to {v}" for k, v in out.items()))
 
 
-@app.command()
+@app.command(cls=Command)
 def plate(
     manifest: Path = typer.Argument(..., help="CellProfiler LoadData CSV (one row per field, FileName_<channel> + Metadata_* columns) or an OME-Zarr HCS plate folder."),
     output: Path = typer.Option(..., "--output", "-o", help="Output folder (cells/fields/wells/treatments tables, report.json, report.md)."),
@@ -257,15 +344,15 @@ def plate(
     treatment: Optional[str] = typer.Option(None, "--treatment", help="Treatment columns (default: inferred: compound/treatment + dose/concentration, else Metadata_RowBlock,Metadata_DoseIndex)."),
     fmt: str = typer.Option("parquet", "--format", help="parquet | h5 | h5ad for the tables."),
     save_cells: bool = typer.Option(False, "--save-cells", help="Also write the per-cell table."),
-    batch_size: int = typer.Option(64, "--batch-size"),
-    device: str = typer.Option("auto", "--device"),
+    batch_size: int = typer.Option(64, "--batch-size", help="Cell crops (one-channel planes) per forward pass."),
+    device: str = typer.Option("auto", "--device", help=HELP_DEVICE),
     precision: str = typer.Option("fp32", "--precision", help="fp32 | bf16 | auto."),
-    threads: Optional[int] = typer.Option(None, "--threads", help="CPU threads for torch (default: all available)."),
-    engine: str = typer.Option("auto", "--engine", help="CPU inference engine: auto (= torch, or $MICROSNOOP_ENGINE) | torch | openvino | onnxruntime (opt-in, from the 'fast' extra that install.sh installs; each export is validated at cosine >= 0.999 to fp32 on its first batch, else torch runs)."),
+    threads: Optional[int] = typer.Option(None, "--threads", help=HELP_THREADS),
+    engine: str = typer.Option("auto", "--engine", help=HELP_ENGINE),
     resume: bool = typer.Option(False, "--resume", help="Continue an interrupted or failed run: reuse its finished fields (and a finished run's fields table)."),
     shard: Optional[str] = typer.Option(None, "--shard", help="i/n: compute only every n-th field from the i-th (1-based; job arrays), then stop; finish with --merge."),
     merge: bool = typer.Option(False, "--merge", help="Assemble the plate from the finished fields of all --shard runs (computes none)."),
-    overwrite: bool = typer.Option(False, "--overwrite"),
+    overwrite: bool = typer.Option(False, "--overwrite", help=HELP_OVERWRITE),
 ) -> None:
     """A plate end to end: segment -> crop -> embed -> fields -> wells -> normalise/sphere -> report."""
     from .pipelines.fieldstore import parse_shard, shard_fields
@@ -330,7 +417,7 @@ def plate(
                   f"{res.files.get('report_html', res.files['report_md'])}")
 
 
-@app.command()
+@app.command(cls=Command)
 def report(
     run_dir: Path = typer.Argument(..., help="A folder written by `microsnoop plate` or `microsnoop benchmark`."),
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="HTML file (default: RUN_DIR/report.html)."),
@@ -343,21 +430,22 @@ def report(
     console.print(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB)")
 
 
-@app.command()
+@app.command(cls=Command)
 def segment(
     input: Path = typer.Argument(..., help="images.npy (N,C,H,W) or its set folder, a LoadData CSV, a folder of images, or one image."),
     output: Path = typer.Option(..., "--output", "-o", help="Folder: masks.npy (array inputs) or one <file stem>.tif per image, and segmentation.json."),
-    channel: Optional[str] = typer.Option(None, "--channel", help="Channel to segment, by name or index (default: DNA if present, else the first)."),
+    segment_channel: Optional[str] = typer.Option(None, "--segment-channel", help="Channel to segment, by name or index (default: DNA if present, else the first)."),
     segmenter: str = typer.Option("cellpose", "--segmenter", help="cellpose | classical."),
     diameter: Optional[float] = typer.Option(None, "--diameter", help="Object diameter in pixels (default: estimated per image)."),
     truth: Optional[Path] = typer.Option(None, "--truth", help="(N, H, W) masks.npy to score against: object F1 at IoU 0.5."),
     segment_precision: str = typer.Option("auto", "--segment-precision", help="Cellpose network: auto | fp32 | bf16."),
-    threads: Optional[int] = typer.Option(None, "--threads", help="CPU threads for torch."),
-    engine: str = typer.Option("auto", "--engine", help="CPU inference engine: auto (= torch, or $MICROSNOOP_ENGINE) | torch | openvino | onnxruntime (opt-in, from the 'fast' extra that install.sh installs; each export is validated at cosine >= 0.999 to fp32 on its first batch, else torch runs)."),
-    overwrite: bool = typer.Option(False, "--overwrite"),
+    device: str = typer.Option("auto", "--device", help="Cellpose network: " + HELP_DEVICE),
+    threads: Optional[int] = typer.Option(None, "--threads", help=HELP_THREADS),
+    engine: str = typer.Option("auto", "--engine", help=HELP_ENGINE),
+    overwrite: bool = typer.Option(False, "--overwrite", help=HELP_OVERWRITE),
 ) -> None:
     """Segment one channel of every image (Cellpose or classical) and write the label images."""
-    from .embed.engine import configure_threads
+    from .embed.engine import configure_threads, resolve_device
     from .io.readers import open_source
     from .pipelines.fields import segment_to_folder
 
@@ -365,12 +453,13 @@ def segment(
     if diameter is not None and diameter <= 0:
         raise MicrosnoopError("--diameter must be positive")
     configure_threads(threads)
+    dev = str(resolve_device(device)) if segmenter == "cellpose" else "cpu"  # classical runs on the CPU
     src = input / "images.npy" if input.is_dir() and (input / "images.npy").exists() else input
     n = len(open_source(src)) if src.exists() else 0
     bar, advance = progress_bar(n, "segment")
     with bar:
-        summary = segment_to_folder(input, output, channel, segmenter, diameter, truth, overwrite,
-                                    precision=segment_precision, progress=advance, engine=engine)
+        summary = segment_to_folder(input, output, segment_channel, segmenter, diameter, truth, overwrite,
+                                    device=dev, precision=segment_precision, progress=advance, engine=engine)
     msg = f"{summary['objects_found']} objects in {summary['n_images']} images -> {output}"
     if "iou_0.5" in summary:
         m = summary["iou_0.5"]
@@ -379,19 +468,19 @@ def segment(
     console.print(msg)
 
 
-@app.command()
+@app.command(cls=Command)
 def benchmark(
     datasets: List[Path] = typer.Argument(..., help="Benchmark set folders (images.npy, metadata.csv, dataset.json with protocols)."),
     model: List[str] = typer.Option(..., "--model", "-m", help="Registered model or checkpoint; repeat for several."),
     output: Path = typer.Option(..., "--output", "-o", help="Report folder (report.json, report.md, figures/, cache/)."),
     plot: str = typer.Option("umap", "--plot", help="umap | pca | none: 2-D map of each set's embeddings."),
-    fields_mode: Optional[str] = typer.Option(None, "--fields-mode", help="Sets of kind 'fields': crop (segment, crop cells, average; default) | rescale | tile."),
-    fields_segmenter: Optional[str] = typer.Option(None, "--fields-segmenter", help="Sets of kind 'fields': cellpose (default) | classical | masks (the set's masks.npy)."),
+    mode: Optional[str] = typer.Option(None, "--mode", help="Sets of kind 'fields': crop (segment, crop cells, average; default) | rescale | tile."),
+    segmenter: Optional[str] = typer.Option(None, "--segmenter", help="Sets of kind 'fields': cellpose (default) | classical | masks (the set's masks.npy)."),
     crop_size: Optional[int] = typer.Option(None, "--crop-size", help="Sets of kind 'fields': Sta, the crop/tile/rescale size (default: the model's input, else 224)."),
     max_cells: Optional[int] = typer.Option(None, "--max-cells", help="Sets of kind 'fields': embed at most this many cells per field (seeded)."),
-    threads: Optional[int] = typer.Option(None, "--threads", help="CPU threads for torch (default: all available)."),
+    threads: Optional[int] = typer.Option(None, "--threads", help=HELP_THREADS),
     batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Planes per forward pass (default: auto, by pixels)."),
-    device: str = typer.Option("auto", "--device"),
+    device: str = typer.Option("auto", "--device", help=HELP_DEVICE),
     precision: str = typer.Option("fp32", "--precision", help="fp32 | bf16 | auto."),
 ) -> None:
     """Score models on labelled sets (kNN, MLP cross-validation); embeddings cached per data + model sha256."""
@@ -401,8 +490,8 @@ def benchmark(
     if plot not in ("umap", "pca", "none"):
         raise MicrosnoopError(f"--plot must be umap, pca or none, not '{plot}'")
     res, paths = run(datasets, model, output, plot=plot, device=device, precision=precision, batch_size=batch_size,
-                     fields_mode=fields_mode, progress_factory=progress_bar,
-                     fields_options={"segmenter": fields_segmenter, "crop_size": crop_size, "max_cells": max_cells},
+                     fields_mode=mode, progress_factory=progress_bar,
+                     fields_options={"segmenter": segmenter, "crop_size": crop_size, "max_cells": max_cells},
                      threads=threads,
                      notify=lambda m: console.print(f"[yellow]{m}[/yellow]", highlight=False))
     out = Console()
@@ -412,6 +501,39 @@ def benchmark(
     console.print(f"wrote {len(res.records)} scores to {paths['json']} and {paths['md']}"
                   + (f"; open {paths['html']} in a browser" if paths.get("html") else ""))
 
+
+
+@app.command(cls=Command)
+def compare(
+    reports: List[Path] = typer.Argument(..., help="report.json files written by `microsnoop benchmark`."),
+    model: str = typer.Option(..., "--model", "-m", help="The model to judge (a model name in the reports)."),
+    baseline: Optional[List[str]] = typer.Option(None, "--baseline", help="Model to compare against; repeat for several (default: every other model in the reports)."),
+    tol: float = typer.Option(0.005, "--tol", help="A set counts as won or tied when the model is at most this far below the baseline."),
+) -> None:
+    """Per benchmark set, the model's mean accuracy minus each baseline's, and the sets won or tied (Markdown)."""
+    from .evaluate.compare import compare as run_compare, read_records, render
+
+    rows = run_compare(read_records(reports), model, baseline, tol)
+    typer.echo(render(rows, model, tol))
+
+
+@app.command(cls=Command)
+def attribution(
+    embeddings: Path = typer.Argument(..., help="Output of `microsnoop embed` (.parquet, .h5, .h5ad): per-channel feature blocks."),
+    label: str = typer.Option(..., "--label", help="Metadata column to predict, e.g. Metadata_Protein."),
+    classifier: str = typer.Option("knn", "--classifier", help="knn (the benchmark's kNN, leave-one-out) | logistic (5-fold logistic regression)."),
+    k: int = typer.Option(11, "--k", help="kNN: neighbours voting."),
+    exclude_same: Optional[str] = typer.Option(None, "--exclude-same", help="kNN: skip neighbours sharing this column (e.g. Metadata_Image)."),
+    repeats: int = typer.Option(3, "--repeats", help="Shuffles averaged per channel block for the permuted accuracy."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the shuffles and folds."),
+) -> None:
+    """Channel attribution: how much each channel's block of the embedding drives a label's prediction."""
+    from .evaluate.attribution import attribution_from_file, render_attribution
+
+    if not embeddings.is_file():
+        raise MicrosnoopError("embeddings file not found", embeddings)
+    df = attribution_from_file(str(embeddings), label, classifier, {"k": k, "exclude_same": exclude_same}, repeats, seed)
+    typer.echo(render_attribution(df))
 
 
 def parse_overrides(items: List[str]) -> dict:
@@ -428,26 +550,26 @@ def parse_overrides(items: List[str]) -> dict:
     return out
 
 
-@app.command()
+@app.command(cls=Command)
 def train(
     data: Path = typer.Option(..., "--data", help="Folder of images, or a manifest.csv (path, modality) of them."),
     output: Path = typer.Option(..., "--output", "-o", help="Run folder: config.json, checkpoint.pt, model.safetensors, log.csv."),
-    method: str = typer.Option("mae-unet", "--method", help="Registered pretext method."),
+    method: str = typer.Option("mae-unet", "--method", help="Training (self-supervised pretext) method."),
     init: Optional[str] = typer.Option(None, "--init", help="Start from a registered model or checkpoint (fine-tuning)."),
     resume: bool = typer.Option(False, "--resume", help="Continue the run in --output from its checkpoint, bit-for-bit."),
     input_size: Optional[int] = typer.Option(None, "--input-size", help="Crop size in px (default 112)."),
-    batch_size: Optional[int] = typer.Option(None, "--batch-size"),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Crops per optimiser step and rank (default 16, or the method's)."),
     steps: Optional[int] = typer.Option(None, "--steps", help="Optimiser steps (default: epochs x epoch-images / batch)."),
-    epochs: Optional[float] = typer.Option(None, "--epochs"),
+    epochs: Optional[float] = typer.Option(None, "--epochs", help="Epochs of --epoch-images images each, when --steps is not given (default 1)."),
     epoch_images: Optional[int] = typer.Option(None, "--epoch-images", help="Sampled images per epoch (paper: 12,000)."),
-    lr: Optional[float] = typer.Option(None, "--lr"),
-    warmup_steps: Optional[int] = typer.Option(None, "--warmup-steps"),
+    lr: Optional[float] = typer.Option(None, "--lr", help="Peak learning rate (default 1e-3, or the method's)."),
+    warmup_steps: Optional[int] = typer.Option(None, "--warmup-steps", help="Linear warm-up steps before the cosine decay (default 100)."),
     mask_ratio: Optional[float] = typer.Option(None, "--mask-ratio", help="mae-unet: share of 16x16 patches zeroed (0.25)."),
     label: Optional[str] = typer.Option(None, "--label", help="cytoself: metadata column of the identity label (Metadata_Protein)."),
     layer: Optional[int] = typer.Option(None, "--layer", help="paired-inpainting: encoder layer (1-5) the embedding is read from (4)."),
-    seed: Optional[int] = typer.Option(None, "--seed"),
+    seed: Optional[int] = typer.Option(None, "--seed", help="Seed of sampling, crops and initialisation (default 0)."),
     precision: Optional[str] = typer.Option(None, "--precision", help="auto | fp32 | bf16 | fp16 (CUDA)."),
-    checkpoint_every: Optional[int] = typer.Option(None, "--checkpoint-every"),
+    checkpoint_every: Optional[int] = typer.Option(None, "--checkpoint-every", help="Write checkpoint.pt every this many steps, for --resume (default 200)."),
     workers: Optional[int] = typer.Option(None, "--workers", help="Data-loading processes."),
     holdout: Optional[int] = typer.Option(None, "--holdout", help="Images per modality kept out of training."),
     device: str = typer.Option("cpu", "--device", help="cpu | cuda | cuda:N | auto. Under torchrun, cuda = cuda:LOCAL_RANK "
@@ -486,7 +608,7 @@ def train(
 
 
 
-@app.command()
+@app.command(cls=Command)
 def reconstruct(
     images: List[Path] = typer.Argument(..., help="One or more images; one figure row each."),
     model: Optional[str] = typer.Option(None, "--model", "-m", help="U-Net model name or checkpoint (default: the default model)."),
@@ -523,9 +645,17 @@ def _one_line(exc: BaseException) -> str:
 
 def main() -> None:
     try:
-        app()
+        with warnings.catch_warnings():  # -q's filter ends with the command (tests run several in one process)
+            app()
     except MicrosnoopError as exc:
         _print_error(str(exc))
+        sys.exit(2)
+    except ImportError as exc:  # an optional package missing: name the extra that installs it
+        from .extras import extra_for, missing_package_message
+
+        if not exc.name or extra_for(exc.name) is None:
+            raise
+        _print_error(missing_package_message(exc.name.split(".")[0], "this command"))
         sys.exit(2)
     except OSError as exc:  # the file system refused: still one line naming the file, never a traceback
         _print_error(_one_line(exc))
@@ -537,7 +667,7 @@ def _print_error(message: str) -> None:
 
     # one line: newlines inside a decoder's message would break it, and [..] must not be read as markup
     line = " ".join(message.split("\n"))
-    console.print(f"[red]error:[/red] {escape(line)}", highlight=False, soft_wrap=True)
+    err_console.print(f"[red]error:[/red] {escape(line)}", highlight=False, soft_wrap=True)
 
 
 if __name__ == "__main__":

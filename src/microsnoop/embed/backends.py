@@ -54,8 +54,10 @@ def check_engine(engine: str | None) -> str:
     if engine not in ENGINES:
         raise MicrosnoopError(f"unknown engine '{engine}' ({', '.join(ENGINES)})")
     if engine in _PACKAGES and not installed(engine):
-        raise MicrosnoopError(f"--engine {engine} needs the {_PACKAGES[engine]} package: pip install 'microsnoop[fast]' "
-                              f"(or use --engine auto / torch)")
+        from ..extras import missing_package_message
+
+        raise MicrosnoopError(missing_package_message(_PACKAGES[engine], f"--engine {engine}")
+                              + " (or use --engine auto / torch)")
     return engine
 
 

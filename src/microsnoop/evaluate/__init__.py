@@ -1,4 +1,4 @@
-"""Benchmarks: score embeddings on labelled sets (kNN and MLP cross-validation), report and refresh docs."""
+"""Benchmarks: score embeddings on labelled sets (kNN and MLP cross-validation) and report them."""
 from __future__ import annotations
 
 from pathlib import Path

@@ -12,13 +12,11 @@ cross-validated logistic regression with
 
 ``drop_*`` = baseline accuracy minus the ablated accuracy: large = the decision depends on it.
 
-    python -m microsnoop.evaluate.attribution EMBEDDINGS.parquet --label Metadata_Protein [--classifier knn|logistic]
+    microsnoop attribution EMBEDDINGS.parquet --label Metadata_Protein [--classifier knn|logistic]
 """
 from __future__ import annotations
 
-import argparse
 import json
-import sys
 from typing import Any, Sequence
 
 import numpy as np
@@ -125,6 +123,9 @@ def attribution_from_file(path: str, label: str, classifier: str = "knn", protoc
     from ..io.writers import read_embeddings
 
     meta, X, prov = read_embeddings(path)
+    if label not in meta.columns:
+        raise MicrosnoopError(f"label column '{label}' not in the file (metadata columns: "
+                              f"{', '.join(map(str, meta.columns))})", path)
     names = prov.get("feature_names")
     if not names and str(path).endswith(".parquet"):
         import pyarrow.parquet as pq
@@ -134,26 +135,19 @@ def attribution_from_file(path: str, label: str, classifier: str = "knn", protoc
     return channel_attribution(X, meta, label, blocks, classifier=classifier, protocol=protocol, repeats=repeats, seed=seed)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m microsnoop.evaluate.attribution", description=__doc__.split("\n")[0])
-    ap.add_argument("embeddings", help="output of `microsnoop embed` (.parquet, .h5, .h5ad)")
-    ap.add_argument("--label", required=True, help="metadata column to predict, e.g. Metadata_Protein")
-    ap.add_argument("--classifier", default="knn", choices=["knn", "logistic"])
-    ap.add_argument("--k", type=int, default=11)
-    ap.add_argument("--exclude-same", default=None, help="kNN: skip neighbours sharing this column (e.g. Metadata_Image)")
-    ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--seed", type=int, default=0)
-    args = ap.parse_args(argv)
-    try:
-        proto = {"k": args.k, "exclude_same": args.exclude_same}
-        df = attribution_from_file(args.embeddings, args.label, args.classifier, proto, args.repeats, args.seed)
-    except MicrosnoopError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    print(f"# channel attribution ({df.attrs['classifier']}, label {args.label}; drop = baseline - ablated accuracy)")
-    print(df.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
-    return 0
+def render_attribution(df: pd.DataFrame) -> str:
+    """The attribution table as text: a header naming classifier and label, then one row per channel.
 
+    Parameters
+    ----------
+    df : pandas.DataFrame
+        Output of :func:`channel_attribution`.
 
-if __name__ == "__main__":
-    sys.exit(main())
+    Returns
+    -------
+    str
+        Lines for a terminal or a log.
+    """
+    head = (f"# channel attribution ({df.attrs['classifier']}, label {df.attrs['label']}; "
+            "drop = baseline - ablated accuracy)")
+    return head + "\n" + df.to_string(index=False, float_format=lambda v: f"{v:.3f}")

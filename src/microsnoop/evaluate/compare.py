@@ -1,6 +1,6 @@
 """Head-to-head summary of one model against baselines, from benchmark records.
 
-    python -m microsnoop.evaluate.compare REPORT.json [REPORT.json ...] --model microsnoop-unet-v1 \
+    microsnoop compare REPORT.json [REPORT.json ...] --model microsnoop-unet-v1 \
         [--baseline random-init --baseline cellpose-encoder ...] [--tol 0.005]
 
 Why: a table of twenty accuracies does not say whether a new model is better. This reduces it the
@@ -10,7 +10,6 @@ accuracies; per baseline, the per-set differences and on how many sets the model
 """
 from __future__ import annotations
 
-import argparse
 import json
 from collections import defaultdict
 from pathlib import Path
@@ -56,16 +55,28 @@ def render(rows: list[dict[str, Any]], model: str, tol: float) -> str:
     return "\n".join(lines)
 
 
-def main(argv: Sequence[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description="Per-set mean accuracy differences of a model against baselines.")
-    ap.add_argument("reports", nargs="+", type=Path, help="report.json files of `microsnoop benchmark`")
-    ap.add_argument("--model", required=True)
-    ap.add_argument("--baseline", action="append", help="repeatable (default: every other model in the reports)")
-    ap.add_argument("--tol", type=float, default=0.005)
-    args = ap.parse_args(argv)
-    records = [r for p in args.reports for r in json.loads(p.read_text())["records"]]
-    print(render(compare(records, args.model, args.baseline, args.tol), args.model, args.tol))
+def read_records(paths: Sequence[str | Path]) -> list[dict[str, Any]]:
+    """The score records of ``microsnoop benchmark`` report.json files, in order.
 
+    Parameters
+    ----------
+    paths : sequence of str or Path
+        report.json files.
 
-if __name__ == "__main__":
-    main()
+    Returns
+    -------
+    list of dict
+        Every file's ``records``; a missing, unreadable or record-less file is a one-line error naming it.
+    """
+    records: list[dict[str, Any]] = []
+    for p in map(Path, paths):
+        if not p.is_file():
+            raise MicrosnoopError("report not found (give the report.json of `microsnoop benchmark`)", p)
+        try:
+            recs = json.loads(p.read_text()).get("records")
+        except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as exc:
+            raise MicrosnoopError(f"not a benchmark report.json ({type(exc).__name__})", p) from None
+        if not isinstance(recs, list):
+            raise MicrosnoopError("not a benchmark report.json: no 'records' list", p)
+        records.extend(recs)
+    return records

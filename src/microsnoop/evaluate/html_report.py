@@ -93,7 +93,9 @@ def write_html_report(run_dir: str | Path, output: str | Path | None = None, sco
     try:
         import plotly  # noqa: F401
     except ImportError:
-        raise MicrosnoopError("report.html needs plotly: pip install 'microsnoop[report]'") from None
+        from ..extras import missing_package_message
+
+        raise MicrosnoopError(missing_package_message("plotly", "report.html")) from None
     run_dir = Path(run_dir)
     rep_path = run_dir / "report.json"
     if not rep_path.exists():

@@ -74,7 +74,12 @@ def map_per_treatment(df: pd.DataFrame, features: Sequence[str], treatment: Sequ
     Returns one row per treatment (the ``treatment`` columns, ``mean_average_precision``,
     ``p_value``, ``corrected_p_value``, ``below_corrected_p``, ``n_wells``).
     """
-    from copairs.map import average_precision, mean_average_precision
+    try:
+        from copairs.map import average_precision, mean_average_precision
+    except ImportError:
+        from ..extras import missing_package_message
+
+        raise MicrosnoopError(missing_package_message("copairs", "mAP")) from None
 
     treatment = list(treatment)
     meta = df[treatment].reset_index(drop=True).astype(str).copy()

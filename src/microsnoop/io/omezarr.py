@@ -35,7 +35,9 @@ def _open_group(path: Path | str, what: str) -> Any:
     try:
         import zarr
     except ImportError:
-        raise MicrosnoopError("reading OME-Zarr needs zarr: pip install 'microsnoop[plates]' (or zarr)", path) from None
+        from ..extras import missing_package_message
+
+        raise MicrosnoopError(missing_package_message("zarr", "reading OME-Zarr"), path) from None
 
     try:
         return zarr.open_group(str(path), mode="r")
@@ -52,8 +54,10 @@ def is_ome_zarr_plate(path: str | Path) -> bool:
     try:
         import zarr  # noqa: F401
     except ImportError:
-        raise MicrosnoopError("this folder is a zarr store; reading OME-Zarr needs zarr: pip install "
-                              "'microsnoop[plates]'", path) from None
+        from ..extras import missing_package_message
+
+        raise MicrosnoopError("this folder is a zarr store; " + missing_package_message("zarr", "reading OME-Zarr"),
+                              path) from None
     try:
         return "plate" in _ome_attrs(_open_group(path, "plate"))
     except MicrosnoopError:

