@@ -75,7 +75,20 @@ LAZY_HELP = {("train", "method"): training_methods_help}
 
 
 def renamed_args(command: str, args: list[str]) -> list[str]:
-    """Replace the old names of renamed options by the new ones, warning once per old name on stderr."""
+    """Replace the old names of renamed options by the new ones, with a one-line warning on stderr for each.
+
+    Parameters
+    ----------
+    command : str
+        Subcommand name, e.g. ``"segment"`` (its entry of ``RENAMED``).
+    args : list of str
+        The subcommand's arguments; ``--old=value`` is renamed too, nothing after ``--``.
+
+    Returns
+    -------
+    list of str
+        The arguments with the new option names.
+    """
     table = RENAMED.get(command, {})
     out = []
     for i, arg in enumerate(args):
@@ -150,7 +163,15 @@ def _main(verbose: int = typer.Option(0, "--verbose", "-v", count=True,
 
 
 def configure_output(verbose: int, quiet: bool) -> None:
-    """Default: warnings, progress and summary lines; -v adds INFO log lines, -vv DEBUG; -q errors only."""
+    """Default: warnings, progress and summary lines; -v adds INFO log lines, -vv DEBUG; -q errors only.
+
+    Parameters
+    ----------
+    verbose : int
+        How many times -v was given.
+    quiet : bool
+        -q: no progress bars, warnings, log or summary lines on stderr (errors still print).
+    """
     if quiet and verbose:
         raise MicrosnoopError("-q/--quiet and -v/--verbose contradict each other: give one")
     level = logging.ERROR if quiet else (logging.WARNING, logging.INFO, logging.DEBUG)[min(verbose, 2)]
