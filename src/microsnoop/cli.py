@@ -613,7 +613,7 @@ def train(
     main_rank = env_dist().main  # under torchrun only rank 0 shows progress and the summary
     prog = Progress(TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
                     TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(), console=console,
-                    disable=not main_rank)
+                    disable=not main_rank or console.quiet)
     task = prog.add_task("train", total=None, info="")
 
     def advance(step: int, total: int, logs: dict) -> None:
