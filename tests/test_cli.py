@@ -160,6 +160,8 @@ def test_quiet_scopes_its_warning_filter_to_the_command(cli, tmp_path):
     code, out, err = cli("-q", "compare", tmp_path / "missing.json", "-m", "x")
     assert code == 2 and err.startswith("error: ") and "missing.json" in err
     assert warnings.filters == filters  # tests (and other callers of main()) keep their filters
+    code, _, err = cli("-q", "segment", tmp_path / "in.npy", "-o", tmp_path / "seg", "--channel", "DNA")
+    assert code == 2 and err.startswith("error: ") and "deprecated" not in err  # -q hides the alias warning too
     code, _, err = cli("-q", "-v", "models")
     assert code == 2 and "contradict" in err
 

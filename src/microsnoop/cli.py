@@ -96,8 +96,8 @@ def renamed_args(command: str, args: list[str]) -> list[str]:
             return out + args[i:]
         name, eq, value = arg.partition("=")
         if name in table:
-            err_console.print(f"warning: {command} {name} is deprecated; use {table[name]}", highlight=False,
-                              markup=False, soft_wrap=True)
+            console.print(f"warning: {command} {name} is deprecated; use {table[name]}", highlight=False,
+                          markup=False, soft_wrap=True)  # a warning: -q (parsed before) hides it
             arg = table[name] + eq + value
         out.append(arg)
     return out
@@ -681,6 +681,8 @@ def main() -> None:
     except OSError as exc:  # the file system refused: still one line naming the file, never a traceback
         _print_error(_one_line(exc))
         sys.exit(2)
+    finally:
+        console.quiet = False  # -q lasts one command (main() may run again in the same process)
 
 
 def _print_error(message: str) -> None:
