@@ -175,9 +175,7 @@ def configure_output(verbose: int, quiet: bool) -> None:
     if quiet and verbose:
         raise MicrosnoopError("-q/--quiet and -v/--verbose contradict each other: give one")
     level = logging.ERROR if quiet else (logging.WARNING, logging.INFO, logging.DEBUG)[min(verbose, 2)]
-    for h in list(log.handlers):  # one handler, on the current stderr (a second run in one process replaces it)
-        if getattr(h, "microsnoop_cli", False):
-            log.removeHandler(h)
+    reset_output()  # one handler, on the current stderr (a second run in one process replaces it)
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("%(message)s"))
     handler.microsnoop_cli = True
@@ -682,7 +680,17 @@ def main() -> None:
         _print_error(_one_line(exc))
         sys.exit(2)
     finally:
-        console.quiet = False  # -q lasts one command (main() may run again in the same process)
+        reset_output()  # -q/-v last one command (main() may run again in the same process, or a library call)
+
+
+def reset_output() -> None:
+    """Undo configure_output: the microsnoop logger back to propagating to the root logger, console not quiet."""
+    for h in list(log.handlers):
+        if getattr(h, "microsnoop_cli", False):
+            log.removeHandler(h)
+    log.setLevel(logging.NOTSET)
+    log.propagate = True
+    console.quiet = False
 
 
 def _print_error(message: str) -> None:
