@@ -25,7 +25,7 @@ import sys
 from pathlib import Path
 from typing import Any, Sequence
 
-from ..errors import MicrosnoopError
+from ..core.errors import MicrosnoopError
 from ..io.atomic import atomic_path
 from .benchmark import BenchmarkRun
 from .report import markdown_table, set_tables
@@ -186,7 +186,8 @@ def peer_entry_from_run(run_dir: Path) -> dict[str, Any]:
     """How a run was trained (config.json, log.csv, the exported checkpoint's header) as a peer entry."""
     import csv
 
-    from ..models.checkpoints import read_checkpoint_header, sha256_file
+    from ..core.hashing import sha256_file
+    from ..models.checkpoints import read_checkpoint_header
 
     run_dir = Path(run_dir)
     model = run_dir / "model.safetensors"
@@ -213,7 +214,7 @@ def load_peers(path: Path = PEERS_PATH) -> dict[str, Any]:
 
 def benchmark_peers(peers: dict[str, Any], sets: Sequence[Path], report_dir: Path, device: str, precision: str) -> None:
     """Re-score every peer checkpoint that is present (and unchanged) on the single-cell sets; update in place."""
-    from ..models.checkpoints import sha256_file
+    from ..core.hashing import sha256_file
     from . import benchmark_and_report
     from .benchmark import load_set
     from .report import cell

@@ -24,7 +24,7 @@ def environment() -> dict[str, Any]:
     import sklearn
     import torch
 
-    from .. import __version__ as microsnoop_version
+    from ..core.version import __version__ as microsnoop_version
 
     return {"microsnoop": microsnoop_version, "python": platform.python_version(), "torch": torch.__version__,
             "numpy": np.__version__, "scikit-learn": sklearn.__version__, "machine": platform.machine()}

@@ -6,7 +6,7 @@ from typing import Any
 
 import torch
 
-from ..errors import MicrosnoopError
+from ..core.errors import MicrosnoopError
 from .checkpoints import sha256_state_dict
 from .heads import check_pool, check_tta, parse_levels, pool_levels, pooled_dim
 from .registry import ChannelEncoder, ModelSpec, register_architecture, register_model

@@ -14,7 +14,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from ..errors import MicrosnoopError
+from ..core.errors import MicrosnoopError
 
 
 class ChannelEncoder(nn.Module):

@@ -81,7 +81,7 @@ def load_matching(model: nn.Module, state: dict[str, torch.Tensor]) -> dict[str,
     own = model.state_dict()
     fit = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
     if not fit:
-        from ..errors import MicrosnoopError
+        from ..core.errors import MicrosnoopError
 
         raise MicrosnoopError("--init weights share no tensor (name and shape) with the model being trained")
     model.load_state_dict(fit, strict=False)
@@ -107,7 +107,7 @@ def register_method(spec: MethodSpec) -> MethodSpec:
 
 
 def get_method(name: str) -> PretextMethod:
-    from ..errors import MicrosnoopError
+    from ..core.errors import MicrosnoopError
     from . import methods  # noqa: F401  the built-in methods register on import
 
     if name not in _METHODS:

@@ -103,11 +103,11 @@ class Cytoself(PretextMethod):
     def build(self, config: dict[str, Any]) -> nn.Module:
         cfg = {**self.defaults, **config}
         if not cfg.get("n_classes"):
-            from ...errors import MicrosnoopError
+            from ...core.errors import MicrosnoopError
 
             raise MicrosnoopError("cytoself needs n_classes (set by load_pool from the label column)")
         if int(cfg["input_size"]) % 16:
-            from ...errors import MicrosnoopError
+            from ...core.errors import MicrosnoopError
 
             raise MicrosnoopError("cytoself: input_size must be a multiple of 16 (two 1/4 stages)")
         return CytoselfModel(cfg)

@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ...errors import MicrosnoopError
+from ...core.errors import MicrosnoopError
 from ...models.pcinet import PCI_DEFAULTS, PairedInpaintingEncoder, PairedInpaintingNet
 from ..base import MethodSpec, PretextMethod, register_method
 from ..data import LabelledSet, flip_rot

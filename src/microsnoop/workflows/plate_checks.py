@@ -16,7 +16,7 @@ from typing import Any, Sequence
 
 import pandas as pd
 
-from ..errors import MicrosnoopError
+from ..core.errors import MicrosnoopError
 from ..profiling.table import select_rows
 
 FORMATS = ("parquet", "h5", "h5ad")
