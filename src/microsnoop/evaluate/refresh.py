@@ -28,7 +28,7 @@ from typing import Any, Sequence
 from ..core.errors import MicrosnoopError
 from ..io.atomic import atomic_path
 from .benchmark import BenchmarkRun
-from .report import markdown_table, set_tables
+from .report import markdown_table, set_section, set_tables
 
 REPO_ROOT = Path(__file__).resolve().parents[3]
 DOCS_PATH = REPO_ROOT / "docs" / "benchmarks.md"
@@ -157,12 +157,8 @@ def render_docs(run: BenchmarkRun, sets: Sequence[Path], data_dir: Path, argv: S
              "```bash", COMMAND, "```", ""]
     for ds, header, rows in set_tables(run.records, run.datasets, models):
         info = run.datasets[ds]
-        lines += [f"## {ds}", "", f"{info['n_images']} images, label `{info['label']}`.", ""]
-        if rows:
-            lines += [markdown_table(header, rows), ""]
         skips = [f"- {s['model']}: {s['reason']}" for s in run.skipped if s["dataset"] == ds]
-        if skips:
-            lines += ["Skipped:", "", *skips, ""]
+        lines += set_section(ds, f"{info['n_images']} images, label `{info['label']}`.", header, rows, skips, "Skipped:")
     lines += default_vs_baselines(run)
     model_skips = [s for s in run.skipped if s["dataset"] == "*"]
     if model_skips:

@@ -12,6 +12,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
+from ..core.registry import Registry
 from ..models.registry import ChannelEncoder
 
 
@@ -96,14 +97,33 @@ class MethodSpec:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-_METHODS: dict[str, MethodSpec] = {}
+_METHODS: Registry[MethodSpec] = Registry("method")
 
 
 def register_method(spec: MethodSpec) -> MethodSpec:
-    if spec.name in _METHODS:
-        raise ValueError(f"method {spec.name!r} registered twice")
-    _METHODS[spec.name] = spec
-    return spec
+    """Make ``spec`` available by name to ``microsnoop train --method``."""
+    return _METHODS.add(spec)
+
+
+def encoder_from(enc: Any, module: Any, prefix: str) -> Any:
+    """``enc`` (a ChannelEncoder) loaded with a copy of ``module``'s trained weights under ``prefix.``.
+
+    Parameters
+    ----------
+    enc : ChannelEncoder
+        The inference-side encoder, built from the method's config.
+    module : torch.nn.Module
+        The trained network (or the part of it that embeds).
+    prefix : str
+        Where ``enc`` keeps that network (``net``, ``vit``, ``source``).
+
+    Returns
+    -------
+    ChannelEncoder
+        ``enc`` in eval mode.
+    """
+    enc.load_weights({f"{prefix}.{k}": v.detach().clone() for k, v in module.state_dict().items()})
+    return enc.eval()
 
 
 def get_method(name: str) -> PretextMethod:
