@@ -65,6 +65,7 @@ def unit_of(module: str, package: str) -> str | None:
 
 def import_edges(root: Path, package: str) -> list[tuple[str, str, str, int]]:
     """(importing unit, imported unit, file, line) for every import between two units of ``package``."""
+    units = {p.stem for p in (root / package).iterdir() if p.suffix == ".py" or (p / "__init__.py").exists()}
     edges = []
     for path in sorted((root / package).rglob("*.py")):
         src_unit = unit_of(".".join(_module_parts(path, root)) or package, package)
@@ -72,7 +73,9 @@ def import_edges(root: Path, package: str) -> list[tuple[str, str, str, int]]:
             src_unit = path.stem
         for mod, line in imports_of(path, root):
             dst = unit_of(mod, package)
-            if dst is not None and dst != src_unit and dst not in ("__version__",):
+            if dst is not None and dst not in units:  # ``from microsnoop import name``: the top package
+                dst = "__init__"
+            if dst is not None and dst != src_unit:
                 edges.append((src_unit, dst, str(path.relative_to(root)), line))
     return edges
 
@@ -252,6 +255,15 @@ def test_checker_finds_upward_imports_relative_and_inside_functions(tmp_path):
     assert any("train/t.py:1: train imports evaluate (train may import only" in b for b in bad)
     assert not any("evaluate/b.py" in b for b in bad)  # downward is fine
     assert unit_cycles(import_edges(root, "pkg")) == [["evaluate", "io", "evaluate"]]
+
+
+def test_checker_counts_a_name_from_the_top_package_as_an_import_of_it(tmp_path):
+    root = _tree(tmp_path, {"__init__.py": "from .embed import run\n", "embed/__init__.py": "",
+                            "embed/run.py": "from .. import __version__\n"})
+    edges = import_edges(root, "pkg")
+    assert ("embed", "__init__", "pkg/embed/run.py", 1) in edges
+    assert layer_violations(edges, LAYERS, BESIDE) == ["pkg/embed/run.py:1: embed imports __init__ (upward: layer 3 -> 9)"]
+    assert unit_cycles(edges) == [["__init__", "embed", "__init__"]]
 
 
 def test_checker_finds_a_cycle_within_one_layer(tmp_path):

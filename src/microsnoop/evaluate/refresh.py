@@ -76,9 +76,11 @@ def machine() -> str:
 
 
 def dataset_notes(sets: Sequence[Path]) -> list[str]:
+    from ..io.readers import load_dataset_json
+
     lines = []
     for s in sets:
-        info = json.loads((s / "dataset.json").read_text())
+        info = load_dataset_json(s)
         src = info.get("source", {})
         paper = src.get("paper") if isinstance(src, dict) else None
         lines.append(f"- **{info.get('name', s.name)}** ({info.get('kind')}, {info.get('n_images')} images, "
