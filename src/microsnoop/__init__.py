@@ -1,7 +1,6 @@
 """microsnoop: embeddings of microscopy images, one channel at a time (Xun et al., Microsnoop)."""
-__version__ = "0.1.0"
-
-from .errors import MicrosnoopError  # noqa: E402
+from .core.errors import MicrosnoopError  # noqa: E402
+from .core.version import __version__  # noqa: E402
 from .models import create_model, list_models  # noqa: E402
 from .embed import embed_images as embed  # noqa: E402
 from .embed import embed_images, embed_source  # noqa: E402

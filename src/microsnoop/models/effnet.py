@@ -14,8 +14,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from ..errors import MicrosnoopError
-from .checkpoints import sha256_file
+from ..core.errors import MicrosnoopError
+from ..core.hashing import sha256_file
 from ..extras import install_hint
 from .registry import ChannelEncoder, ModelSpec, register_model
 

@@ -12,7 +12,7 @@ from typing import Any, Sequence
 import numpy as np
 import pandas as pd
 
-from ..errors import MicrosnoopError
+from ..core.errors import MicrosnoopError
 from .table import feature_columns, metadata_columns
 
 METHODS = ("mean", "median")
