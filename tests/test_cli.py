@@ -202,7 +202,7 @@ def test_compare_subcommand(cli, tmp_path):
 def test_install_hints_name_the_extra_from_pyproject():
     import tomllib
 
-    from microsnoop.extras import EXTRAS, extra_for, install_hint
+    from microsnoop.core.extras import EXTRAS, extra_for, install_hint
 
     extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
     for extra, reqs in extras.items():

@@ -683,7 +683,7 @@ def main() -> None:
         _print_error(str(exc))
         sys.exit(2)
     except ImportError as exc:  # an optional package missing: name the extra that installs it
-        from .extras import extra_for, missing_package_message
+        from .core.extras import extra_for, missing_package_message
 
         if not exc.name or extra_for(exc.name) is None:
             raise

@@ -54,7 +54,7 @@ def check_engine(engine: str | None) -> str:
     if engine not in ENGINES:
         raise MicrosnoopError(f"unknown engine '{engine}' ({', '.join(ENGINES)})")
     if engine in _PACKAGES and not installed(engine):
-        from ..extras import missing_package_message
+        from ..core.extras import missing_package_message
 
         raise MicrosnoopError(missing_package_message(_PACKAGES[engine], f"--engine {engine}")
                               + " (or use --engine auto / torch)")

@@ -93,7 +93,7 @@ def write_html_report(run_dir: str | Path, output: str | Path | None = None, sco
     try:
         import plotly  # noqa: F401
     except ImportError:
-        from ..extras import missing_package_message
+        from ..core.extras import missing_package_message
 
         raise MicrosnoopError(missing_package_message("plotly", "report.html")) from None
     run_dir = Path(run_dir)

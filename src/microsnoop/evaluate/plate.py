@@ -77,7 +77,7 @@ def map_per_treatment(df: pd.DataFrame, features: Sequence[str], treatment: Sequ
     try:
         from copairs.map import average_precision, mean_average_precision
     except ImportError:
-        from ..extras import missing_package_message
+        from ..core.extras import missing_package_message
 
         raise MicrosnoopError(missing_package_message("copairs", "mAP")) from None
 

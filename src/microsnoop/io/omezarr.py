@@ -35,7 +35,7 @@ def _open_group(path: Path | str, what: str) -> Any:
     try:
         import zarr
     except ImportError:
-        from ..extras import missing_package_message
+        from ..core.extras import missing_package_message
 
         raise MicrosnoopError(missing_package_message("zarr", "reading OME-Zarr"), path) from None
 
@@ -54,7 +54,7 @@ def is_ome_zarr_plate(path: str | Path) -> bool:
     try:
         import zarr  # noqa: F401
     except ImportError:
-        from ..extras import missing_package_message
+        from ..core.extras import missing_package_message
 
         raise MicrosnoopError("this folder is a zarr store; " + missing_package_message("zarr", "reading OME-Zarr"),
                               path) from None

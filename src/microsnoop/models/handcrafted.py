@@ -28,7 +28,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from ..extras import install_hint
+from ..core.extras import install_hint
 from .registry import ChannelEncoder, ModelSpec, register_model
 
 FEATURE_VERSION = 1

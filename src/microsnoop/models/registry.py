@@ -172,7 +172,7 @@ def _build_named(name: str, pretrained: bool) -> ChannelEncoder:
         try:
             enc = spec.build(pretrained)
         except ImportError as exc:
-            from ..extras import install_hint
+            from ..core.extras import install_hint
 
             hint = f"; install it with: {spec.requires or install_hint(exc.name or str(exc))}"
             raise MicrosnoopError(f"model '{name}' needs a missing package ({exc.name or exc}){hint}") from None
