@@ -1,5 +1,7 @@
-from .engine import Embedder, embed_images, resolve_device
+from . import defaults
+from .api import embed_images
+from .engine import Embedder, resolve_device
 from .normalize import normalize_percentile
 from .run import embed_source
 
-__all__ = ["Embedder", "embed_images", "embed_source", "normalize_percentile", "resolve_device"]
+__all__ = ["Embedder", "defaults", "embed_images", "embed_source", "normalize_percentile", "resolve_device"]

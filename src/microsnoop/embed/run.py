@@ -26,7 +26,7 @@ from ..errors import MicrosnoopError, MicrosnoopWarning
 from ..io.atomic import atomic_path, check_output_path, save_npy_atomic
 from ..io.readers import ImageSource
 from ..io.writers import format_for, write_embeddings
-from . import distributed as dist
+from . import defaults, distributed as dist
 from .engine import PADDING, Embedder
 from .normalize import NORMALIZATION
 
@@ -93,7 +93,8 @@ def chunk_ranges(n: int, chunk_size: int) -> list[tuple[int, int]]:
 
 
 def embed_source(source: ImageSource, output: str | Path, *, model: str | None = None, fmt: str | None = None,
-                 chunk_size: int = 1024, batch_size: int | None = None, device: str = "auto", precision: str = "fp32",
+                 chunk_size: int = defaults.CHUNK_SIZE, batch_size: int | None = defaults.BATCH_SIZE,
+                 device: str = defaults.DEVICE, precision: str = defaults.PRECISION,
                  resume: bool = False, overwrite: bool = False, command: str | None = None,
                  progress: Callable[[int], None] | None = None, embedder: Embedder | None = None,
                  shard: tuple[int, int] | None = None, merge: bool = False) -> Path:

@@ -33,6 +33,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import pandas as pd
 
+from ..embed import defaults
 from ..errors import MicrosnoopError
 from ..io.atomic import atomic_path
 from ..profiling.aggregate import aggregate, aggregate_step
@@ -65,9 +66,9 @@ class PlateSettings:
     crop_size: int | None = None                      # Sta; None: the crop module's default
     max_cells: int | None = None                      # per field, seeded random subset (None: all)
     model: str | None = None
-    batch_size: int = 64
-    device: str = "auto"
-    precision: str = "fp32"
+    batch_size: int | None = defaults.BATCH_SIZE     # the embedding defaults of embed/defaults.py
+    device: str = defaults.DEVICE
+    precision: str = defaults.PRECISION
     metadata: str | None = None                       # plate map CSV joined on the wells (OME-Zarr plates)
     well: Sequence[str] = ("Metadata_Plate", "Metadata_Well")
     controls: str | None = None                       # None: inferred (a column saying negative/DMSO/mock)
@@ -307,12 +308,13 @@ def run_plate(manifest: str | Path, output: str | Path, settings: PlateSettings 
 def _reusable_fields(output: Path, s: PlateSettings, state: dict[str, Any]
                      ) -> tuple[pd.DataFrame | None, pd.DataFrame, list[str], dict[str, Any]] | None:
     """A finished run's fields (and cells) when they were made with the same state: --resume reuses them."""
-    from ..profiling.table import read_profiles
+    from ..profiling.table import feature_columns, read_embeddings
 
     fpath = _stage_file(output, "fields", s.fmt)
     if not fpath.exists():
         return None
-    fields, feats, prov = read_profiles(fpath)
+    fields = read_embeddings(fpath)
+    feats, prov = feature_columns(fields), fields.attrs["microsnoop"]
     if _jsonable(prov.get("fields_state")) != _jsonable(state):
         return None
     cells = None
@@ -320,7 +322,7 @@ def _reusable_fields(output: Path, s: PlateSettings, state: dict[str, Any]
         cpath = _stage_file(output, "cells", s.fmt)
         if not cpath.exists():
             return None
-        cells = read_profiles(cpath)[0]
+        cells = read_embeddings(cpath)
     prov = {k: v for k, v in prov.items() if k not in ("level", "profiling", "plate_settings", "plan", "command")}
     return cells, fields, feats, prov
 

@@ -13,7 +13,7 @@ import numpy as np
 import pandas as pd
 
 from ..errors import MicrosnoopError
-from .table import feature_columns, metadata_columns
+from .table import feature_columns, is_feature_column, metadata_columns
 
 METHODS = ("mean", "median")
 COUNT = "Metadata_Count"
@@ -31,7 +31,7 @@ def aggregate(df: pd.DataFrame, by: Sequence[str], features: Sequence[str] | Non
     missing = [c for c in by if c not in df.columns]
     if missing:
         raise MicrosnoopError(f"cannot aggregate by missing column(s) {', '.join(missing)}; metadata columns are "
-                              f"{', '.join(c for c in df.columns if '_emb_' not in c)}")
+                              f"{', '.join(c for c in df.columns if not is_feature_column(c))}")
     if method not in METHODS:
         raise MicrosnoopError(f"unknown aggregation '{method}' (choose {' or '.join(METHODS)})")
     feats = feature_columns(df, features)

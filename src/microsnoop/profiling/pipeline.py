@@ -15,7 +15,8 @@ from ..errors import MicrosnoopError
 from .aggregate import aggregate, aggregate_step
 from .normalize import normalize, normalize_step
 from .sphere import sphere, sphere_step
-from .table import check_finite_features, feature_columns, read_profiles, select_rows, write_profiles
+from .table import (check_finite_features, feature_columns, is_feature_column, read_embeddings, select_rows,
+                    write_profiles)
 
 
 @dataclass
@@ -43,7 +44,7 @@ def _present(df: pd.DataFrame, by: Sequence[str] | None) -> list[str] | None:
     missing = [c for c in by if c not in df.columns and c != "Metadata_Plate"]
     if missing:
         raise MicrosnoopError(f"batch column(s) {', '.join(missing)} not in the profiles (--sphere-by / normalize by); "
-                              f"metadata columns are {', '.join(c for c in df.columns if '_emb_' not in c)}")
+                              f"metadata columns are {', '.join(c for c in df.columns if not is_feature_column(c))}")
     kept = [c for c in by if c in df.columns]
     return kept or None
 
@@ -103,7 +104,8 @@ def run_profile(input: str | Path, output: str | Path, settings: ProfileSettings
     if Path(input).resolve() == output.resolve() or (settings.treatment and
                                                      Path(input).resolve() == treatment_path(output).resolve()):
         raise MicrosnoopError("output would overwrite the input; choose another --output", output)
-    df, feats, prov = read_profiles(input)
+    df = read_embeddings(input)
+    feats, prov = feature_columns(df), df.attrs["microsnoop"]
     if settings.features is None:
         settings.features = feats
     wells, treat, steps = profile_frame(df, settings)
