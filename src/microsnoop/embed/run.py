@@ -104,7 +104,40 @@ def embed_source(source: ImageSource, output: str | Path, *, model: str | None =
     them (see ``distributed``); other ranks return once their shards are on disk. Without torchrun,
     ``shard`` = (i, n) (zero-based; job arrays) embeds the chunks ``k % n == i`` into the shared partial
     folder and stops; ``merge`` then writes the output from every shard's chunks (embedding none), the
-    same file a single process writes."""
+    same file a single process writes.
+
+    Parameters
+    ----------
+    source : ImageSource
+        What to embed, from :func:`microsnoop.open_source` (.npy/.npz, folder, manifest, OME-Zarr, image).
+    output : str or Path
+        Output file (.parquet, .h5 or .h5ad); read it back with :func:`microsnoop.read_embeddings`.
+    model : str, optional
+        Registered model name or checkpoint path. Default: the shipped default model.
+    fmt : str, optional
+        parquet | h5 | h5ad (default: from the suffix).
+    chunk_size : int
+        Images read and kept in memory at a time (and the resume granularity).
+    batch_size, device, precision
+        As in :func:`microsnoop.embed`; the defaults are ``microsnoop.embed.defaults``, as for the CLI.
+    resume, overwrite : bool
+        Continue an interrupted run from its finished chunks; replace an existing output.
+    command : str, optional
+        Command line recorded in the provenance (default: ``sys.argv``).
+    progress : callable, optional
+        Called with the number of images finished since the last call.
+    embedder : Embedder, optional
+        A ready ``Embedder`` (its model/device/precision win over the arguments above).
+    shard : (int, int), optional
+        (i, n): embed only the chunks ``k % n == i`` and stop (job arrays).
+    merge : bool
+        Write the output from every shard's chunks.
+
+    Returns
+    -------
+    Path
+        The output file.
+    """
     output = Path(output)
     fmt = format_for(output, fmt)
     if chunk_size < 1:

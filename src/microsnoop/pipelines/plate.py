@@ -124,12 +124,12 @@ def profile_wells(fields: pd.DataFrame, feats: list[str], s: PlateSettings, plan
     wells = wells_raw
     if plan.normalize:
         by = [c for c in ("Metadata_Plate",) if c in wells.columns] or None
-        wells = normalize(wells, plan.normalize, plan.controls, by, feats)
+        wells = normalize(wells, plan.normalize, samples=plan.controls, by=by, features=feats)
         steps.append(normalize_step(plan.normalize, plan.controls, by, int(select_rows(wells, plan.controls).sum())))
     if plan.sphere:
         by = [c for c in (s.sphere_by or []) if c in wells.columns] or None
         try:
-            wells, fits = sphere(wells, plan.controls, by, feats, "knee")
+            wells, fits = sphere(wells, samples=plan.controls, by=by, features=feats, epsilon="knee")
             steps.append(sphere_step(plan.controls, by, "knee", fits))
         except MicrosnoopError as exc:
             warns.append(f"sphering skipped ({exc}); wells are profiled unsphered")

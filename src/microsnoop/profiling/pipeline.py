@@ -60,7 +60,7 @@ def profile_frame(df: pd.DataFrame, s: ProfileSettings) -> tuple[pd.DataFrame, p
     steps: list[dict[str, Any]] = []
     if s.aggregate:
         n = len(df)
-        df = aggregate(df, s.aggregate, feats, s.aggregate_method)
+        df = aggregate(df, s.aggregate, feats, operation=s.aggregate_method)
         steps.append(aggregate_step(s.aggregate, s.aggregate_method, n, len(df)))
     if (s.normalize or s.sphere) and s.controls is None:
         raise MicrosnoopError("normalising or sphering needs --controls (a query selecting negative controls)")
@@ -69,15 +69,15 @@ def profile_frame(df: pd.DataFrame, s: ProfileSettings) -> tuple[pd.DataFrame, p
         raise MicrosnoopError(f"no profiles match the controls {s.controls!r}")
     if s.normalize:
         by = _present(df, s.normalize_by)
-        df = normalize(df, s.normalize, s.controls, by, feats)
+        df = normalize(df, s.normalize, samples=s.controls, by=by, features=feats)
         steps.append(normalize_step(s.normalize, s.controls, by, n_ctrl))
     if s.sphere:
         by = _present(df, s.sphere_by)
-        df, fits = sphere(df, s.controls, by, feats, s.sphere_epsilon)
+        df, fits = sphere(df, samples=s.controls, by=by, features=feats, epsilon=s.sphere_epsilon)
         steps.append(sphere_step(s.controls, by, s.sphere_epsilon, fits))
     treat = None
     if s.treatment:
-        treat = aggregate(df, s.treatment, feats, s.aggregate_method)
+        treat = aggregate(df, s.treatment, feats, operation=s.aggregate_method)
         steps.append(aggregate_step(s.treatment, s.aggregate_method, len(df), len(treat)))
     return df, treat, steps
 

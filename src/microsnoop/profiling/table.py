@@ -5,9 +5,11 @@ and interoperate with pycytominer; these helpers read and write it in the packag
 """
 from __future__ import annotations
 
+import functools
 import json
+import warnings
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence, TypeVar
 
 import numpy as np
 import pandas as pd
@@ -45,6 +47,27 @@ def feature_columns(df: pd.DataFrame, features: Sequence[str] | None = None) -> 
     if not cols:
         raise MicrosnoopError("no feature columns (named <channel>_emb_<j>) in the profiles; pass the feature list")
     return cols
+
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def renamed_arguments(**renamed: str) -> Callable[[F], F]:
+    """Accept the arguments' old names (``by=`` for ``strata=``) with a DeprecationWarning: the profiling
+    functions took pycytominer's names (strata, samples, operation) where they mean the same thing."""
+    def wrap(fn: F) -> F:
+        @functools.wraps(fn)
+        def inner(*args: Any, **kwargs: Any) -> Any:
+            for old, new in renamed.items():
+                if old in kwargs:
+                    if new in kwargs:
+                        raise TypeError(f"{fn.__name__}() got both {old}= and {new}=; use {new}=")
+                    warnings.warn(f"{fn.__name__}({old}=...) is deprecated; use {new}=", DeprecationWarning,
+                                  stacklevel=2)
+                    kwargs[new] = kwargs.pop(old)
+            return fn(*args, **kwargs)
+        return inner  # type: ignore[return-value]
+    return wrap
 
 
 def metadata_columns(df: pd.DataFrame, features: Sequence[str]) -> list[str]:
