@@ -98,40 +98,23 @@ def embed_source(source: ImageSource, output: str | Path, *, model: str | None =
                  resume: bool = False, overwrite: bool = False, command: str | None = None,
                  progress: Callable[[int], None] | None = None, embedder: Embedder | None = None,
                  shard: tuple[int, int] | None = None, merge: bool = False) -> Path:
-    """Embed every image of ``source`` into ``output`` (.parquet/.h5/.h5ad); returns the output path.
-
-    Under torchrun (WORLD_SIZE > 1) every rank embeds its share of the chunks and rank 0 merges
-    them (see ``distributed``); other ranks return once their shards are on disk. Without torchrun,
-    ``shard`` = (i, n) (zero-based; job arrays) embeds the chunks ``k % n == i`` into the shared partial
-    folder and stops; ``merge`` then writes the output from every shard's chunks (embedding none), the
-    same file a single process writes.
+    """Embed every image of ``source`` into ``output``; under torchrun every rank embeds its share of the
+    chunks and rank 0 merges them (``distributed``).
 
     Parameters
     ----------
     source : ImageSource
-        What to embed, from :func:`microsnoop.open_source` (.npy/.npz, folder, manifest, OME-Zarr, image).
+        From :func:`microsnoop.open_source` (.npy/.npz, folder, manifest, OME-Zarr plate, image).
     output : str or Path
-        Output file (.parquet, .h5 or .h5ad); read it back with :func:`microsnoop.read_embeddings`.
-    model : str, optional
-        Registered model name or checkpoint path. Default: the shipped default model.
-    fmt : str, optional
-        parquet | h5 | h5ad (default: from the suffix).
-    chunk_size : int
-        Images read and kept in memory at a time (and the resume granularity).
-    batch_size, device, precision
-        As in :func:`microsnoop.embed`; the defaults are ``microsnoop.embed.defaults``, as for the CLI.
-    resume, overwrite : bool
-        Continue an interrupted run from its finished chunks; replace an existing output.
-    command : str, optional
-        Command line recorded in the provenance (default: ``sys.argv``).
-    progress : callable, optional
-        Called with the number of images finished since the last call.
-    embedder : Embedder, optional
-        A ready ``Embedder`` (its model/device/precision win over the arguments above).
-    shard : (int, int), optional
-        (i, n): embed only the chunks ``k % n == i`` and stop (job arrays).
-    merge : bool
-        Write the output from every shard's chunks.
+        .parquet, .h5 or .h5ad (or ``fmt``); read it back with :func:`microsnoop.read_embeddings`.
+    model, batch_size, device, precision
+        As in :func:`microsnoop.embed`, with the same defaults (``microsnoop.embed.defaults``) as the CLI;
+        a given ``embedder`` (an ``Embedder``) replaces them.
+    chunk_size, resume, overwrite, command, progress
+        Images per chunk (the resume unit); continue from finished chunks; replace an output; the command
+        line for the provenance; a callback given the images finished.
+    shard, merge
+        ``(i, n)``: embed only chunks ``k % n == i`` and stop; ``merge``: write the output from all shards.
 
     Returns
     -------
