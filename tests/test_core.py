@@ -93,9 +93,9 @@ def test_batch_and_channel_invariance(yeast):
 def test_mixed_sizes_embed_each_at_own_size(yeast):
     imgs = np.load(yeast / "images.npy", mmap_mode="r")
     mixed = [np.array(imgs[0]), np.array(imgs[1, :, 8:56, 4:60]), np.array(imgs[2, :, :10, :10])]
-    out = microsnoop.embed(mixed, model="random-init", device="cpu")
+    out = microsnoop.embed(mixed, model="random-init", device="cpu", precision="fp32")
     assert out.shape == (3, 512) and np.isfinite(out).all()
-    assert np.allclose(out[1], microsnoop.embed(mixed[1], model="random-init", device="cpu")[0], atol=1e-5)
+    assert np.allclose(out[1], microsnoop.embed(mixed[1], model="random-init", device="cpu", precision="fp32")[0], atol=1e-5)
     # a 10x10 image is padded (centred zeros after normalisation) to the 16-px minimum
     from microsnoop.embed.normalize import normalize_percentile
 

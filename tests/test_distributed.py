@@ -47,7 +47,8 @@ def descendants(pid: int) -> list[int]:
 def single(yeast_subset, tmp_path_factory) -> Path:
     """The single-process reference, run in-process (96 real yeast cells, 2 channels, chunks of 8)."""
     out = tmp_path_factory.mktemp("single") / "single.parquet"
-    embed_source(open_source(yeast_subset), out, model="random-init", device="cpu", chunk_size=8, command="test")
+    embed_source(open_source(yeast_subset), out, model="random-init", device="cpu", precision="fp32", chunk_size=8,
+                 command="test")
     return out
 
 
