@@ -53,7 +53,7 @@ def main() -> None:
     import torch
 
     from microsnoop.embed.engine import configure_threads
-    from microsnoop.evaluate.segmentation import match_masks
+    from microsnoop.segment.metrics import match_masks
     from microsnoop.segment.cellpose import CellposeSegmenter, run_network
 
     threads = configure_threads()

@@ -31,8 +31,8 @@ SET = ROOT.parent / "shared" / "data" / "benchmarks" / "coelho2009_nuclei_fields
 
 def segmentation_table(set_dir: Path, segmenters: list[str], report_dir: Path) -> list[dict]:
     from microsnoop.evaluate.benchmark import load_set
-    from microsnoop.evaluate.segmentation import match_masks
-    from microsnoop.pipelines.fields import segment_dataset
+    from microsnoop.segment.metrics import match_masks
+    from microsnoop.pipelines.field_sets import segment_dataset
 
     bset = load_set(set_dir)
     truth = np.load(set_dir / "masks.npy", mmap_mode="r")

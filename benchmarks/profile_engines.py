@@ -26,7 +26,7 @@ def planes(size: int, n: int) -> np.ndarray:
     sys.path.insert(0, str(ROOT / "benchmarks"))
     from throughput import real_images
 
-    from microsnoop.embed.normalize import normalize_percentile
+    from microsnoop.io.normalize import normalize_percentile
 
     return normalize_percentile(real_images(size, n))[:, 0]
 

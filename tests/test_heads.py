@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from microsnoop.embed.engine import Embedder
-from microsnoop.errors import MicrosnoopError
+from microsnoop.core.errors import MicrosnoopError
 from microsnoop.models import create_model
 from microsnoop.models.checkpoints import save_checkpoint
 from microsnoop.models.heads import dihedral, parse_levels, split_head_options

@@ -129,7 +129,7 @@ def assert_self_contained(html_path: Path) -> str:
 @pytest.fixture(scope="module")
 def plate_run(shared_data, tmp_path_factory) -> Path:
     """A real BBBC013 plate run on 48 wells (classical segmentation, 8 cells per field)."""
-    from microsnoop.pipelines.plate import PlateSettings, run_plate
+    from microsnoop.workflows.plate import PlateSettings, run_plate
 
     folder = shared_data / "plates" / "bbbc013"
     df = pd.read_csv(folder / "manifest.csv")

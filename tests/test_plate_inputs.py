@@ -11,7 +11,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from microsnoop.errors import MicrosnoopError
+from microsnoop.core.errors import MicrosnoopError
 
 CP_CHANNELS = ["DNA", "ER", "RNA", "AGP", "Mito"]
 # 4 negative (columns 1-2), 2 positive (column 12), 2 replicate wells of one dose: sphering and Z' both run
@@ -383,8 +383,8 @@ def test_embed_two_shards_merged_equal_the_single_run(yeast_subset, tmp_path, cl
 
 def test_defaults_inferred_from_common_metadata_names(shared_data):
     """Treatment and controls from the names plate maps use, not BBBC013's; a clear error when none fits."""
-    from microsnoop.pipelines.plate import PlateSettings
-    from microsnoop.pipelines.plate_checks import check_columns, infer_controls, infer_treatment
+    from microsnoop.workflows.plate import PlateSettings
+    from microsnoop.workflows.plate_checks import check_columns, infer_controls, infer_treatment
 
     jump = pd.DataFrame({"Metadata_Plate": ["P"] * 8, "Metadata_Well": [f"A{i:02d}" for i in range(1, 9)],
                          "Metadata_pert_iname": ["DMSO"] * 4 + ["x", "x", "y", "y"],

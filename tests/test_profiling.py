@@ -6,7 +6,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from microsnoop.errors import MicrosnoopError
+from microsnoop.core.errors import MicrosnoopError
 from microsnoop.evaluate.plate import (control_scores, dose_spearman, evaluate_plate, map_per_treatment, nsc_nscb,
                                        z_prime)
 from microsnoop.profiling.aggregate import aggregate

@@ -13,7 +13,7 @@ import pandas as pd
 import pytest
 
 from badinput_data import Inputs, build_inputs
-from microsnoop.errors import MicrosnoopError, MicrosnoopWarning
+from microsnoop.core.errors import MicrosnoopError, MicrosnoopWarning
 
 
 @pytest.fixture(scope="module")

@@ -8,9 +8,10 @@ import pytest
 import torch
 
 from microsnoop.embed import Embedder
-from microsnoop.embed.engine import cpu_has_native_bf16, resolve_precision
+from microsnoop.core.device import cpu_has_native_bf16, resolve_precision
+from microsnoop.embed.engine import bf16_validated
 from microsnoop.embed.run import prefetch
-from microsnoop.errors import MicrosnoopError
+from microsnoop.core.errors import MicrosnoopError
 from microsnoop.models import create_model
 
 pytestmark = pytest.mark.filterwarnings("ignore:model 'random-init' is untrained")
@@ -53,7 +54,7 @@ def test_bf16_within_cosine_0999_of_fp32_on_real_images(encoder, real_sets):
 
 def test_folded_fp32_matches_reference_encoder(encoder, real_sets):
     """BN folding is exact algebra: fp32 fast path == the plain module forward (real BN stats for Cellpose)."""
-    from microsnoop.embed.normalize import normalize_percentile
+    from microsnoop.io.normalize import normalize_percentile
 
     imgs = real_sets["bbbc021"]
     got = Embedder(encoder, device="cpu", precision="fp32").embed(imgs)
@@ -75,15 +76,15 @@ def test_bf16_batch_invariance_is_looser_but_close(real_sets):
 def test_auto_precision_rules():
     cpu = torch.device("cpu")
     unet = create_model("random-init")
-    assert resolve_precision("auto", cpu, unet) == ("bf16" if cpu_has_native_bf16() else "fp32")
-    assert resolve_precision("fp32", cpu, unet) == "fp32"
+    assert resolve_precision("auto", cpu, bf16_validated(unet)) == ("bf16" if cpu_has_native_bf16() else "fp32")
+    assert resolve_precision("fp32", cpu, bf16_validated(unet)) == "fp32"
 
     class Other(torch.nn.Module):
         config = {"arch": "effnet"}
 
-    assert resolve_precision("auto", cpu, Other()) == "fp32"  # not validated in bf16: stays fp32
+    assert resolve_precision("auto", cpu, bf16_validated(Other())) == "fp32"  # not validated in bf16: stays fp32
     with pytest.raises(MicrosnoopError, match="unknown precision"):
-        resolve_precision("int8", cpu, unet)
+        resolve_precision("int8", cpu, bf16_validated(unet))
 
 
 def test_prefetch_keeps_order_and_reraises():

@@ -152,7 +152,7 @@ def test_fine_tune_keeps_encoder_frozen_then_scaled(tiny_pool, tmp_path):
 
 def test_set_overrides_parse_json_values():
     from microsnoop.cli import parse_overrides
-    from microsnoop.errors import MicrosnoopError
+    from microsnoop.core.errors import MicrosnoopError
 
     assert parse_overrides(["encoder_lr_scale=0.1", "freeze_encoder_bn=true", "label_column=Metadata_Protein"]) == {
         "encoder_lr_scale": 0.1, "freeze_encoder_bn": True, "label_column": "Metadata_Protein"}
@@ -161,7 +161,7 @@ def test_set_overrides_parse_json_values():
 
 
 def test_smooth_is_trailing_mean_and_plot_needs_a_log(tmp_path):
-    from microsnoop.errors import MicrosnoopError
+    from microsnoop.core.errors import MicrosnoopError
     from microsnoop.train.plots import plot_training_logs, smooth
 
     np.testing.assert_allclose(smooth(np.array([1.0, 3.0, 5.0, 7.0]), 2), [1.0, 2.0, 4.0, 6.0])
@@ -225,7 +225,7 @@ def test_npy_files_in_a_training_folder_are_left_out_not_fatal(tiny_pool, tmp_pa
 
 
 def test_npy_listed_in_a_manifest_is_read_or_refused_in_one_line(tiny_pool, tmp_path):
-    from microsnoop.errors import MicrosnoopError
+    from microsnoop.core.errors import MicrosnoopError
     from microsnoop.io.images import read_image
     from microsnoop.train.data import ImagePool
 

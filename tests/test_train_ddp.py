@@ -256,7 +256,7 @@ def test_killed_two_rank_run_resumes_under_torchrun_to_the_same_weights(tiny_poo
 def test_sync_batchnorm_policy_and_conversion():
     """auto: SyncBatchNorm with several CUDA ranks only; the converted mae-unet keeps its state-dict
     keys (checkpoints load across world sizes) and the frozen encoder BNs stay in eval mode."""
-    from microsnoop.errors import MicrosnoopError
+    from microsnoop.core.errors import MicrosnoopError
     from microsnoop.train.base import get_method
     from microsnoop.train.loop import LOOP_DEFAULTS, _prepare_model, use_sync_bn
 
@@ -279,8 +279,8 @@ def test_sync_batchnorm_policy_and_conversion():
 
 
 def test_each_rank_takes_the_gpu_of_its_local_rank(monkeypatch):
-    from microsnoop.distributed import local_device
-    from microsnoop.errors import MicrosnoopError
+    from microsnoop.core.device import local_device
+    from microsnoop.core.errors import MicrosnoopError
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)

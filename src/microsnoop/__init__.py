@@ -9,9 +9,8 @@ The Python API runs what the CLI runs, with the same defaults (``microsnoop.embe
   pycytominer's argument names;
 - :func:`create_model`, :func:`list_models`: the model registry.
 """
-__version__ = "0.1.0"
-
-from .errors import MicrosnoopError  # noqa: E402
+from .core.errors import MicrosnoopError  # noqa: E402
+from .core.version import __version__  # noqa: E402
 from .models import create_model, list_models  # noqa: E402
 from .embed import embed_images as embed  # noqa: E402
 from .embed import embed_images, embed_source  # noqa: E402

@@ -11,14 +11,14 @@ import shlex
 import sys
 import warnings
 from pathlib import Path
-from typing import List, Optional
+from typing import Any, List, Optional
 
 import typer
 from rich.console import Console
 from rich.table import Table
 
+from .core.errors import MicrosnoopError
 from .embed import defaults as D
-from .errors import MicrosnoopError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Embed microscopy images (Microsnoop): single cells, whole fields and plates.")
@@ -270,30 +270,10 @@ def plate(
 ) -> None:
     """A plate end to end: segment -> crop -> embed -> fields -> wells -> normalise/sphere -> report."""
     from .pipelines.fieldstore import parse_shard, shard_fields
-    from .pipelines.plate import PlateSettings, run_plate
-    from .profiling.query import check_query
-
-    from .io.omezarr import is_ome_zarr_plate
+    from .workflows.plate import PlateSettings, run_plate
 
     _check_out(output, "folder")
-    zarr_plate = manifest.is_dir() and is_ome_zarr_plate(manifest)
-    if not (manifest.is_file() or zarr_plate):
-        raise MicrosnoopError("manifest not found" if not manifest.exists() else
-                              "manifest must be a CSV file or an OME-Zarr HCS plate", manifest)
-    # an OME-Zarr plate's metadata is checked by run_plate's own checks (pipelines/plate_checks.py)
-    columns = None if zarr_plate else list(read_csv_columns(manifest))
-    if controls is not None and columns is not None:  # None / "auto": inferred from the plate map
-        check_query(controls, columns, "--controls")
-    if positive and positive != "auto" and columns is not None:
-        check_query(positive, columns, "--positive")
-    # options used only after every field is embedded: check them now, not after an hour of work
-    if normalize is not None and normalize not in ("standardize", "mad_robustize"):
-        raise MicrosnoopError(f"--normalize must be standardize or mad_robustize, not '{normalize}'")
-    if fmt not in ("parquet", "h5", "h5ad"):
-        raise MicrosnoopError(f"--format must be parquet, h5 or h5ad, not '{fmt}'")
-    missing = [c for c in _split(treatment) or [] if columns is not None and c not in columns]
-    if missing:
-        raise MicrosnoopError(f"--treatment column(s) {', '.join(missing)} not in the manifest", manifest)
+    _check_plate_options(manifest, controls, positive, normalize, fmt, treatment)
     s = PlateSettings(channels=_split(channels), segment_channel=segment_channel, segmenter=segmenter, diameter=diameter,
                       mode=mode, rescale_constant=rescale_constant, crop_size=crop_size, max_cells=max_cells,
                       model=model, batch_size=batch_size, device=device, precision=precision, controls=controls,
@@ -321,6 +301,37 @@ def plate(
     finally:
         if "bar" in live:
             live["bar"].stop()
+    _print_plate_result(res)
+
+
+def _check_plate_options(manifest: Path, controls: str | None, positive: str | None, normalize: str | None,
+                         fmt: str, treatment: str | None) -> None:
+    """The plate options that a run would use only after every field is embedded: checked now, not
+    after an hour of work (an OME-Zarr plate's metadata is checked by run_plate's own checks,
+    workflows/plate_checks.py)."""
+    from .io.omezarr import is_ome_zarr_plate
+    from .profiling.query import check_query
+
+    zarr_plate = manifest.is_dir() and is_ome_zarr_plate(manifest)
+    if not (manifest.is_file() or zarr_plate):
+        raise MicrosnoopError("manifest not found" if not manifest.exists() else
+                              "manifest must be a CSV file or an OME-Zarr HCS plate", manifest)
+    columns = None if zarr_plate else list(read_csv_columns(manifest))
+    if controls is not None and columns is not None:  # None / "auto": inferred from the plate map
+        check_query(controls, columns, "--controls")
+    if positive and positive != "auto" and columns is not None:
+        check_query(positive, columns, "--positive")
+    if normalize is not None and normalize not in ("standardize", "mad_robustize"):
+        raise MicrosnoopError(f"--normalize must be standardize or mad_robustize, not '{normalize}'")
+    if fmt not in ("parquet", "h5", "h5ad"):
+        raise MicrosnoopError(f"--format must be parquet, h5 or h5ad, not '{fmt}'")
+    missing = [c for c in _split(treatment) or [] if columns is not None and c not in columns]
+    if missing:
+        raise MicrosnoopError(f"--treatment column(s) {', '.join(missing)} not in the manifest", manifest)
+
+
+def _print_plate_result(res: Any) -> None:
+    """One line: a shard's progress, or the plate's wells, Z', mAP and where the report is."""
     r = res.report
     if "shard" in r:
         console.print(f"shard {r['shard']}: {r['fields_done']} of {r['n_fields']} plate fields finished in "
@@ -359,14 +370,15 @@ def segment(
 ) -> None:
     """Segment one channel of every image (Cellpose or classical) and write the label images."""
     from .embed.engine import configure_threads
+    from .io.dataset import set_images_path
     from .io.readers import open_source
-    from .pipelines.fields import segment_to_folder
+    from .segment.folder import segment_to_folder
 
     _check_out(output, "folder")
     if diameter is not None and diameter <= 0:
         raise MicrosnoopError("--diameter must be positive")
     configure_threads(threads)
-    src = input / "images.npy" if input.is_dir() and (input / "images.npy").exists() else input
+    src = set_images_path(input)
     n = len(open_source(src)) if src.exists() else 0
     bar, advance = progress_bar(n, "segment")
     with bar:
@@ -466,7 +478,7 @@ def train(
                 label_column=label, layer=layer)
     opts.update(parse_overrides(set_ or []))
     _check_out(output, "folder")
-    from .distributed import env_dist
+    from .core.distributed import env_dist
 
     main_rank = env_dist().main  # under torchrun only rank 0 shows progress and the summary
     prog = Progress(TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),

@@ -7,25 +7,17 @@ import time
 import numpy as np
 
 
-def cpu_has_bf16() -> bool:
-    try:
-        with open("/proc/cpuinfo") as fh:
-            flags = fh.read()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
-
-
 def run_doctor(console) -> bool:
     import torch
 
-    from . import __version__
+    from .core.version import __version__
+    from .core.device import cpu_has_native_bf16
     from .embed import Embedder
     from .models import default_model_name
 
     ok = True
     console.print(f"microsnoop {__version__}, Python {platform.python_version()}, torch {torch.__version__}, numpy {np.__version__}")
-    console.print(f"CPU threads: {torch.get_num_threads()}, native bf16: {cpu_has_bf16()}")
+    console.print(f"CPU threads: {torch.get_num_threads()}, native bf16: {cpu_has_native_bf16()}")
     console.print(f"CUDA: {torch.cuda.is_available()}" + (f" ({torch.cuda.get_device_name(0)})" if torch.cuda.is_available() else ""))
     mps = getattr(torch.backends, "mps", None)
     console.print(f"Apple MPS: {bool(mps and mps.is_available())}")

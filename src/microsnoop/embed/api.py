@@ -12,12 +12,12 @@ from typing import Any, Sequence
 import numpy as np
 import pandas as pd
 
-from .. import __version__
-from ..errors import MicrosnoopError
+from ..core.version import __version__
+from ..core.errors import MicrosnoopError
 from ..io.writers import feature_columns, output_provenance, to_anndata, to_frame
 from . import defaults
 from .engine import PADDING, Embedder
-from .normalize import NORMALIZATION
+from ..io.normalize import NORMALIZATION
 
 OUTPUTS = ("array", "frame", "anndata")
 

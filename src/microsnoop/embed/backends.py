@@ -34,7 +34,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from ..errors import MicrosnoopError
+from ..core.errors import MicrosnoopError
 
 log = logging.getLogger("microsnoop")
 

@@ -8,7 +8,7 @@ shard file ``OUT.partial/chunk_NNNNNN.npy`` atomically and appends a line to its
 order into OUT. A killed run restarted with ``--resume`` (any number of ranks) skips every chunk
 whose shard and journal line exist. Multi-node runs need ``OUT`` on a filesystem all nodes share.
 The process group only carries barriers: gloo on CPU, NCCL when the ranks use GPUs. Joining it is
-``microsnoop.distributed`` (shared with ``train``), re-exported here for existing imports.
+``microsnoop.core.distributed`` (shared with ``train``), re-exported here for existing imports.
 """
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ import json
 import os
 from pathlib import Path
 
-from ..distributed import Dist, barrier, env_dist, finish, init  # noqa: F401  re-exported (embed.run uses them)
+from ..core.distributed import Dist, barrier, env_dist, finish, init  # noqa: F401  re-exported (embed.run uses them)
 
 JOURNAL_GLOB = "journal.rank*.jsonl"
 

@@ -12,14 +12,14 @@ import logging
 import os
 import warnings
 from collections import defaultdict
-from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..errors import MicrosnoopError, MicrosnoopWarning
+from ..core.device import autocast, resolve_device, resolve_precision
+from ..core.errors import MicrosnoopError, MicrosnoopWarning
 from ..io.images import MAX_ABS_PIXEL, MIN_SIDE
 from ..models import ChannelEncoder, create_model
 from ..models.registry import apply_head
@@ -27,7 +27,7 @@ from ..models.heads import TTAModule
 from . import defaults
 from .backends import check_engine, engine_module
 from .fused import FusedUNetEncoder, fast_module
-from .normalize import normalize_percentile
+from ..io.normalize import normalize_percentile
 
 log = logging.getLogger("microsnoop")
 
@@ -36,80 +36,16 @@ MAX_AUTO_BATCH = 512
 PADDING = "images smaller than the model's minimum size are zero-padded (centred); no resizing"
 
 
-def resolve_device(device: str | torch.device = "auto") -> torch.device:
-    """``auto`` picks CUDA, then Apple MPS, then CPU, and logs the choice."""
-    if isinstance(device, torch.device):
-        return device
-    if device == "auto":
-        if torch.cuda.is_available():
-            dev = torch.device("cuda")
-        elif getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-            dev = torch.device("mps")
-        else:
-            dev = torch.device("cpu")
-        dev = _local_gpu(dev)
-        log.info("device: %s (auto)", dev)
-        return dev
-    try:
-        dev = torch.device(device)
-    except RuntimeError:
-        raise MicrosnoopError(f"unknown device '{device}' (use auto, cpu, cuda, cuda:N or mps)") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise MicrosnoopError("--device cuda asked for, but no CUDA GPU is available")
-    return _local_gpu(dev)
-
-
-def _local_gpu(dev: torch.device) -> torch.device:
-    """Under torchrun each rank takes the GPU of its LOCAL_RANK when no index was given."""
-    if dev.type == "cuda" and dev.index is None and "LOCAL_RANK" in os.environ:
-        return torch.device("cuda", int(os.environ["LOCAL_RANK"]) % max(1, torch.cuda.device_count()))
-    return dev
-
-
-def autocast_for(device: torch.device, precision: str):
-    if precision == "fp32":
-        return contextlib.nullcontext()
-    if precision == "bf16":
-        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
-    if precision == "fp16":
-        return torch.autocast(device_type=device.type, dtype=torch.float16)
-    raise MicrosnoopError(f"unknown precision '{precision}' (fp32, bf16, fp16 or auto)")
-
-
-def cpu_has_native_bf16() -> bool:
-    """True on CPUs with bf16 dot-product instructions (AVX512-BF16, AMX, Arm BF16).
-
-    Without them bf16 is emulated and slower than fp32, so ``auto`` must not pick it there."""
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    flags: set[str] = set()
-    for line in text.splitlines():
-        if line.startswith(("flags", "Features")):
-            flags.update(line.split(":", 1)[1].split())
-    return bool(flags & {"avx512_bf16", "amx_bf16", "bf16"})
-
-
 # architectures whose bf16 embeddings stay within cosine 0.999 of fp32 on real images
 # (tests/test_speed.py checks random-init, cellpose-encoder and the default model on real cells and fields)
 BF16_VALIDATED_ARCHS = {"unet", "distill-unet"}
 
 
-def resolve_precision(precision: str, device: torch.device, encoder: ChannelEncoder | None = None) -> str:
-    """``auto`` = bf16 where the hardware runs it natively and the architecture is validated, else fp32."""
-    if precision not in ("auto", "fp32", "bf16", "fp16"):
-        raise MicrosnoopError(f"unknown precision '{precision}' (fp32, bf16, fp16 or auto)")
-    if precision != "auto":
-        return precision
+def bf16_validated(encoder: ChannelEncoder | None) -> bool:
+    """Whether ``auto`` may pick bf16 for this encoder (its architecture was checked against fp32)."""
     arch = (getattr(encoder, "config", None) or {}).get("arch") if encoder is not None else "unet"
-    if arch not in BF16_VALIDATED_ARCHS:
-        return "fp32"
-    if device.type == "cuda":
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
-    if device.type == "cpu":
-        return "bf16" if cpu_has_native_bf16() else "fp32"
-    return "fp32"
+    return arch in BF16_VALIDATED_ARCHS
+
 
 
 def default_threads() -> int:
@@ -193,7 +129,7 @@ class Embedder:
         self.encoder = model if isinstance(model, ChannelEncoder) else create_model(model, device=self.device)
         apply_head(self.encoder, levels=levels, pool=pool, tta=tta)  # head options override the model's
         self.encoder = self.encoder.to(self.device).eval()
-        self.precision = resolve_precision(precision, self.device, self.encoder)
+        self.precision = resolve_precision(precision, self.device, bf16_validated(self.encoder))
         self.batch_size = None if batch_size is None else int(batch_size)
         if self.batch_size is not None and self.batch_size < 1:
             raise MicrosnoopError("--batch-size must be at least 1")
@@ -263,7 +199,7 @@ class Embedder:
         bs = self.batch_for(*planes.shape[-2:])
         out = np.empty((len(planes), self.dim), dtype=np.float32)
         module = self.module
-        ctx = autocast_for(self.device, self.precision) if self._autocast else contextlib.nullcontext()
+        ctx = autocast(self.device, self.precision) if self._autocast else contextlib.nullcontext()
         dtype = next(module.parameters()).dtype if any(True for _ in module.parameters()) else torch.float32
         with torch.inference_mode(), ctx:
             for s in range(0, len(planes), bs):

@@ -21,14 +21,14 @@ from typing import Any, Callable, Iterator
 
 import numpy as np
 
-from .. import __version__
-from ..errors import MicrosnoopError, MicrosnoopWarning
+from ..core.version import __version__
+from ..core.errors import MicrosnoopError, MicrosnoopWarning
 from ..io.atomic import atomic_path, check_output_path, save_npy_atomic
 from ..io.readers import ImageSource
 from ..io.writers import format_for, write_embeddings
 from . import defaults, distributed as dist
 from .engine import PADDING, Embedder
-from .normalize import NORMALIZATION
+from ..io.normalize import NORMALIZATION
 
 
 def provenance(embedder: Embedder, source: ImageSource, command: str | None = None, **extra: Any) -> dict[str, Any]:

@@ -3,7 +3,7 @@
 Embeddings are cached in ``REPORT_DIR/cache`` under a key made of the images' sha256, the model's
 sha256 and the precision, so re-scoring (new protocol, new plot) never re-embeds, and a changed
 image file or model can never reuse a stale embedding. Sets of kind ``fields`` go through the
-whole-field pipeline when ``microsnoop.pipelines.fields.embed_fields_dataset`` exists; otherwise
+whole-field pipeline when ``microsnoop.pipelines.field_sets.embed_fields_dataset`` exists; otherwise
 they are skipped with a message in the console and in the report, never silently.
 """
 from __future__ import annotations
@@ -20,8 +20,8 @@ from typing import Any, Callable, ContextManager, Iterable, Sequence
 import numpy as np
 import pandas as pd
 
+from ..core.errors import MicrosnoopError
 from ..embed import defaults
-from ..errors import MicrosnoopError
 from ..io.atomic import atomic_path, save_npy_atomic
 from .protocols import ProtocolResult, protocol_key, run_protocol
 
@@ -84,39 +84,27 @@ class BenchmarkRun:
 
 def sha256_files(paths: Iterable[Path]) -> str:
     """One digest over several files (their bytes in order): the data part of the cache key."""
-    from ..models.checkpoints import hash_files
+    from ..core.hashing import hash_files
 
     return hash_files(paths).hexdigest()
 
 
 def load_set(path: str | Path) -> BenchmarkSet:
     """Read and check one set; problems are user errors naming the file."""
-    path = Path(path)
-    info_path, meta_path, img_path = path / "dataset.json", path / "metadata.csv", path / "images.npy"
-    for p in (info_path, meta_path, img_path):
-        if not p.exists():
-            raise MicrosnoopError("not a benchmark set: missing " + p.name +
-                                  " (expected images.npy, metadata.csv, dataset.json)", path)
-    try:
-        info = json.loads(info_path.read_text())
-    except json.JSONDecodeError as exc:
-        raise MicrosnoopError(f"invalid JSON: {exc}", info_path) from None
-    if "label" not in info:
-        raise MicrosnoopError("dataset.json has no 'label' column", info_path)
-    meta = pd.read_csv(meta_path)
-    images = np.load(img_path, mmap_mode="r")
-    if images.ndim != 4:
-        raise MicrosnoopError(f"expected (N, C, H, W) images, got shape {images.shape}", img_path)
-    if len(images) != len(meta):
-        raise MicrosnoopError(f"{len(images)} images but {len(meta)} metadata rows", meta_path)
-    data_files = [img_path] + ([path / "masks.npy"] if (path / "masks.npy").exists() else [])
-    return BenchmarkSet(path, info, meta, images, sha256_files(data_files))
+    from ..io.dataset import load_set_folder
+
+    s = load_set_folder(path, ("images.npy", "metadata.csv", "dataset.json"), "not a benchmark set")
+    if "label" not in s.info:
+        raise MicrosnoopError("dataset.json has no 'label' column", s.folder / "dataset.json")
+    masks = s.folder / "masks.npy"
+    data_files = [s.images_path] + ([masks] if masks.exists() else [])
+    return BenchmarkSet(s.folder, s.info, s.metadata, s.images, sha256_files(data_files))
 
 
 def fields_hook() -> Callable[..., tuple[pd.DataFrame, np.ndarray]] | None:
     """The whole-field pipeline's entry point, if that pipeline is installed in this version."""
     try:
-        from ..pipelines import fields as fields_pipeline
+        from ..pipelines import field_sets as fields_pipeline
     except ImportError:
         return None
     return getattr(fields_pipeline, "embed_fields_dataset", None)
@@ -197,7 +185,7 @@ def embed_set(bset: BenchmarkSet, embedder: Any, cache: EmbeddingCache, progress
     enc = embedder.encoder
     hook = fields_hook() if bset.kind == "fields" else None
     if bset.kind == "fields" and hook is None:
-        return ("kind 'fields' needs the whole-field pipeline (microsnoop.pipelines.fields."
+        return ("kind 'fields' needs the whole-field pipeline (microsnoop.pipelines.field_sets."
                 "embed_fields_dataset), which this version does not have: skipped")
     if bset.kind not in ("single_cell", "fields"):
         return f"unknown set kind '{bset.kind}': skipped"

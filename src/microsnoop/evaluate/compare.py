@@ -16,7 +16,7 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any, Sequence
 
-from ..errors import MicrosnoopError
+from ..core.errors import MicrosnoopError
 
 
 def set_means(records: Sequence[dict[str, Any]]) -> dict[str, dict[str, float]]:

@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from ..errors import MicrosnoopError
+from ..core.errors import MicrosnoopError
 from .html_report import (CELL_SAMPLE_NAME, MONTAGE_HEIGHT, MONTAGE_TILES, SCORES, figure_html, natural_key,
                           page_html, palette, png_data_uri, table_html)
 

@@ -19,7 +19,7 @@ import numpy as np
 import pandas as pd
 from sklearn.metrics import accuracy_score, f1_score
 
-from ..errors import MicrosnoopError
+from ..core.errors import MicrosnoopError
 
 PROTOCOL_NAMES = ("knn", "mlp_cv")
 

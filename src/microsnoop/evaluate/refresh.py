@@ -25,10 +25,10 @@ import sys
 from pathlib import Path
 from typing import Any, Sequence
 
-from ..errors import MicrosnoopError
+from ..core.errors import MicrosnoopError
 from ..io.atomic import atomic_path
 from .benchmark import BenchmarkRun
-from .report import markdown_table, set_tables
+from .report import markdown_table, set_section, set_tables
 
 REPO_ROOT = Path(__file__).resolve().parents[3]
 DOCS_PATH = REPO_ROOT / "docs" / "benchmarks.md"
@@ -76,9 +76,11 @@ def machine() -> str:
 
 
 def dataset_notes(sets: Sequence[Path]) -> list[str]:
+    from ..io.readers import load_dataset_json
+
     lines = []
     for s in sets:
-        info = json.loads((s / "dataset.json").read_text())
+        info = load_dataset_json(s)
         src = info.get("source", {})
         paper = src.get("paper") if isinstance(src, dict) else None
         lines.append(f"- **{info.get('name', s.name)}** ({info.get('kind')}, {info.get('n_images')} images, "
@@ -157,12 +159,8 @@ def render_docs(run: BenchmarkRun, sets: Sequence[Path], data_dir: Path, argv: S
              "```bash", COMMAND, "```", ""]
     for ds, header, rows in set_tables(run.records, run.datasets, models):
         info = run.datasets[ds]
-        lines += [f"## {ds}", "", f"{info['n_images']} images, label `{info['label']}`.", ""]
-        if rows:
-            lines += [markdown_table(header, rows), ""]
         skips = [f"- {s['model']}: {s['reason']}" for s in run.skipped if s["dataset"] == ds]
-        if skips:
-            lines += ["Skipped:", "", *skips, ""]
+        lines += set_section(ds, f"{info['n_images']} images, label `{info['label']}`.", header, rows, skips, "Skipped:")
     lines += default_vs_baselines(run)
     model_skips = [s for s in run.skipped if s["dataset"] == "*"]
     if model_skips:
@@ -186,7 +184,8 @@ def peer_entry_from_run(run_dir: Path) -> dict[str, Any]:
     """How a run was trained (config.json, log.csv, the exported checkpoint's header) as a peer entry."""
     import csv
 
-    from ..models.checkpoints import read_checkpoint_header, sha256_file
+    from ..core.hashing import sha256_file
+    from ..models.checkpoints import read_checkpoint_header
 
     run_dir = Path(run_dir)
     model = run_dir / "model.safetensors"
@@ -213,7 +212,7 @@ def load_peers(path: Path = PEERS_PATH) -> dict[str, Any]:
 
 def benchmark_peers(peers: dict[str, Any], sets: Sequence[Path], report_dir: Path, device: str, precision: str) -> None:
     """Re-score every peer checkpoint that is present (and unchanged) on the single-cell sets; update in place."""
-    from ..models.checkpoints import sha256_file
+    from ..core.hashing import sha256_file
     from . import benchmark_and_report
     from .benchmark import load_set
     from .report import cell

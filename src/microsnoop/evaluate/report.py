@@ -24,7 +24,7 @@ def environment() -> dict[str, Any]:
     import sklearn
     import torch
 
-    from .. import __version__ as microsnoop_version
+    from ..core.version import __version__ as microsnoop_version
 
     return {"microsnoop": microsnoop_version, "python": platform.python_version(), "torch": torch.__version__,
             "numpy": np.__version__, "scikit-learn": sklearn.__version__, "machine": platform.machine()}
@@ -59,6 +59,36 @@ def set_tables(run_records: list[dict[str, Any]], datasets: dict[str, dict[str, 
             rows.append(row)
         tables.append((ds, header, rows))
     return tables
+
+
+def set_section(ds: str, summary: str, header: list[str], rows: list[list[str]], skips: list[str],
+                skip_title: str | None = None) -> list[str]:
+    """Markdown lines of one set: heading, one-line summary, score table, skipped models.
+
+    Parameters
+    ----------
+    ds : str
+        The set's name (the heading).
+    summary : str
+        One line under the heading.
+    header, rows
+        The score table (:func:`markdown_table`); none when ``rows`` is empty.
+    skips : list of str
+        Bullet lines for the models skipped on this set.
+    skip_title : str, optional
+        A line put above the skipped models.
+
+    Returns
+    -------
+    list of str
+        The section's lines, ending with a blank line.
+    """
+    lines = [f"## {ds}", "", summary, ""]
+    if rows:
+        lines += [markdown_table(header, rows), ""]
+    if skips:
+        lines += ([skip_title, ""] if skip_title else []) + skips + [""]
+    return lines
 
 
 def markdown_table(header: list[str], rows: list[list[str]]) -> str:
@@ -218,11 +248,9 @@ def markdown_report(run: BenchmarkRun, figures: dict[tuple[str, str], list[Path]
              "`embed s` = seconds to embed the set (from the cache when reused), `score s` = all protocols.", ""]
     for ds, header, rows in set_tables(run.records, run.datasets, models):
         info = run.datasets[ds]
-        lines += [f"## {ds}", "", f"{info['n_images']} images, {info['kind']}, label `{info['label']}`", ""]
-        if rows:
-            lines += [markdown_table(header, rows), ""]
         skips = [f"- skipped {s['model']}: {s['reason']}" for s in run.skipped if s["dataset"] == ds]
-        lines += skips + ([""] if skips else [])
+        lines += set_section(ds, f"{info['n_images']} images, {info['kind']}, label `{info['label']}`", header, rows,
+                             skips)
         for m in models:
             for p in figures.get((ds, m), []):
                 lines.append(f"![{ds} {m} {p.stem.rsplit('_', 1)[-1]}]({p.relative_to(report_dir).as_posix()})")

@@ -8,7 +8,7 @@ import threading
 from pathlib import Path
 from typing import Iterator
 
-from ..errors import MicrosnoopError
+from ..core.errors import MicrosnoopError
 
 _UMASK_LOCK = threading.Lock()
 

@@ -7,7 +7,7 @@ from typing import Sequence
 
 import numpy as np
 
-from ..errors import MicrosnoopError
+from ..core.errors import MicrosnoopError
 from .images import MAX_ABS_PIXEL, MIN_SIDE
 from .readers import ArraySource, FileListSource, open_source
 

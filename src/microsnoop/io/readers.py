@@ -16,7 +16,7 @@ from typing import Any, Sequence
 import numpy as np
 import pandas as pd
 
-from ..errors import MicrosnoopError, MicrosnoopWarning
+from ..core.errors import MicrosnoopError, MicrosnoopWarning
 from .images import IMAGE_SUFFIXES, check_pixel_count, check_pixel_type, decode_image, read_file_bytes, read_image
 from .ometiff import ome_channel_names
 

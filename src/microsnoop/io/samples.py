@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import MicrosnoopError
+from ..core.errors import MicrosnoopError
 from .atomic import atomic_path
 
 SAMPLE_SETS = ("Kc167", "neurocyte", "macrophagocyte", "cytomembrane")

@@ -11,7 +11,7 @@ from typing import Any, Iterable, Iterator, Mapping
 import numpy as np
 import pandas as pd
 
-from ..errors import MicrosnoopError
+from ..core.errors import MicrosnoopError
 from .atomic import atomic_path
 
 FORMATS = {".parquet": "parquet", ".pq": "parquet", ".h5": "h5", ".hdf5": "h5", ".h5ad": "h5ad"}

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import torch
 
-from ..errors import MicrosnoopError
-from .checkpoints import sha256_file
+from ..core.errors import MicrosnoopError
+from ..core.hashing import sha256_file
 from .microsnoop_unet import UNetEncoder
 from .registry import ModelSpec, register_model
 

@@ -9,27 +9,13 @@ import hashlib
 import json
 import warnings
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 import torch
 
-from ..errors import MicrosnoopError, MicrosnoopWarning
+from ..core.errors import MicrosnoopError, MicrosnoopWarning
+from ..core.hashing import sha256_file
 from ..io.atomic import atomic_path
-
-
-def hash_files(paths: Iterable[str | Path], h: Any = None, chunk: int = 1 << 20) -> Any:
-    """A sha256 hasher fed the bytes of ``paths`` in order, read in chunks (data files can be large);
-    returned unfinished so callers can add settings to the digest."""
-    h = h if h is not None else hashlib.sha256()
-    for path in paths:
-        with open(path, "rb") as fh:
-            while block := fh.read(chunk):
-                h.update(block)
-    return h
-
-
-def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
-    return hash_files([path], chunk=chunk).hexdigest()
 
 
 def sha256_state_dict(state: dict[str, torch.Tensor]) -> str:

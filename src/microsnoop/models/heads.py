@@ -15,7 +15,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from ..errors import MicrosnoopError
+from ..core.errors import MicrosnoopError
 
 HEAD_KEYS = ("levels", "pool", "tta")
 POOLS = ("mean", "max", "meanmax")

@@ -6,7 +6,7 @@ from typing import Any
 
 import torch
 
-from ..errors import MicrosnoopError
+from ..core.errors import MicrosnoopError
 from .checkpoints import sha256_state_dict
 from .heads import check_pool, check_tta, parse_levels, pool_levels, pooled_dim
 from .registry import ChannelEncoder, ModelSpec, register_architecture, register_model
@@ -134,14 +134,10 @@ def build_random_init(pretrained: bool = True) -> UNetEncoder:
     return enc
 
 
+# untrained: its sha256 is of the seeded weights, so the floor is reproducible bit for bit
 register_model(ModelSpec(
-    name="random-init",
-    head="levels=last,pool=mean,tta=none (256)",
-    build=build_random_init,
+    name="random-init", build=build_random_init, trained=False, sha256=RANDOM_INIT_SHA256,
+    head="levels=last,pool=mean,tta=none (256)", input_size="any (>=16 px; 8-px multiples not required)",
     description="Microsnoop residual U-Net (32-64-128-256) with seeded random weights: the floor a trained model must beat",
-    license="MIT (no data)",
-    training_data="none (untrained, seed 0)",
-    input_size="any (>=16 px; 8-px multiples not required)",
-    sha256=RANDOM_INIT_SHA256,
-    trained=False,
+    license="MIT (no data)", training_data="none (untrained, seed 0)",
 ))

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..errors import MicrosnoopError
+from ..core.errors import MicrosnoopError
 from .registry import ChannelEncoder, register_architecture
 
 PCI_DEFAULTS: dict[str, Any] = {"widths": [32, 64, 128, 128, 128], "layer": 4, "pool": "max"}

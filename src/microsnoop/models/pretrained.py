@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..errors import MicrosnoopError
+from ..core.errors import MicrosnoopError
 from .registry import ChannelEncoder, ModelSpec, build_from_checkpoint, register_model
 from .microsnoop_unet import WEIGHTS_DIR
 

@@ -14,7 +14,8 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from ..errors import MicrosnoopError
+from ..core.errors import MicrosnoopError
+from ..core.registry import Registry
 
 
 class ChannelEncoder(nn.Module):
@@ -72,14 +73,12 @@ class ModelSpec:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-_REGISTRY: dict[str, ModelSpec] = {}
+_REGISTRY: Registry[ModelSpec] = Registry("model")
 
 
 def register_model(spec: ModelSpec) -> ModelSpec:
-    if spec.name in _REGISTRY:
-        raise ValueError(f"model {spec.name!r} registered twice")
-    _REGISTRY[spec.name] = spec
-    return spec
+    """Make ``spec`` available by name to ``create_model`` and ``microsnoop models``."""
+    return _REGISTRY.add(spec)
 
 
 def list_models() -> list[ModelSpec]:

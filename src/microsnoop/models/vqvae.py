@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..errors import MicrosnoopError
+from ..core.errors import MicrosnoopError
 from .registry import ChannelEncoder, register_architecture
 
 VQVAE_DEFAULTS: dict[str, Any] = {"width": 32, "local_dim": 64, "global_dim": 64, "local_codes": 256,

@@ -16,7 +16,7 @@ import math
 import numpy as np
 import pandas as pd
 
-from ..errors import MicrosnoopError
+from ..core.errors import MicrosnoopError
 
 MODES = ("crop", "rescale", "tile")
 DEFAULT_RC = 1.0       # Rs = max(w, h) * Rc: a square twice the box's longer side, the cell in context

@@ -18,7 +18,7 @@ from typing import Any, Sequence
 import numpy as np
 import pandas as pd
 
-from ..errors import MicrosnoopError
+from ..core.errors import MicrosnoopError
 from .table import feature_columns, renamed_arguments, select_rows
 
 METHODS = ("standardize", "mad_robustize")

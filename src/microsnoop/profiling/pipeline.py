@@ -11,7 +11,7 @@ from typing import Any, Sequence
 
 import pandas as pd
 
-from ..errors import MicrosnoopError
+from ..core.errors import MicrosnoopError
 from .aggregate import aggregate, aggregate_step
 from .normalize import normalize, normalize_step
 from .sphere import sphere, sphere_step

@@ -14,7 +14,7 @@ from typing import Any, Callable, Sequence, TypeVar
 import numpy as np
 import pandas as pd
 
-from ..errors import MicrosnoopError
+from ..core.errors import MicrosnoopError
 from ..io.writers import EMB_TOKEN, is_feature_column, read_embeddings  # noqa: F401  (one reader for every table)
 
 

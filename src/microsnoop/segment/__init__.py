@@ -10,7 +10,7 @@ from typing import Callable
 
 import numpy as np
 
-from ..errors import MicrosnoopError
+from ..core.errors import MicrosnoopError
 
 SEGMENTERS = ("cellpose", "classical")
 

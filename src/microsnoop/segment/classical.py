@@ -10,8 +10,8 @@ from __future__ import annotations
 import numpy as np
 from scipy import ndimage as ndi
 
-from ..embed.normalize import normalize_percentile
-from ..errors import MicrosnoopError
+from ..io.normalize import normalize_percentile
+from ..core.errors import MicrosnoopError
 
 
 def _median_diameter(fg: np.ndarray) -> float:

@@ -8,8 +8,52 @@ from typing import Sequence
 import numpy as np
 import pandas as pd
 
-from ..errors import MicrosnoopError
+from ..core.errors import MicrosnoopError
 from ..io.images import IMAGE_SUFFIXES, read_image
+
+
+def save_mask(labels: np.ndarray, path: Path) -> Path:
+    """One label image as a zlib TIFF (uint16 when the labels fit), readable back as ``--masks``.
+
+    Parameters
+    ----------
+    labels : numpy.ndarray
+        (H, W) integer labels, 0 = background.
+    path : Path
+        The file to write (its folder is created).
+
+    Returns
+    -------
+    Path
+        ``path``.
+    """
+    import tifffile
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    dtype = np.uint16 if labels.max() < 65536 else np.uint32
+    tifffile.imwrite(path, labels.astype(dtype), compression="zlib")
+    return path
+
+
+def save_masks_npy(path: Path, labels: np.ndarray) -> Path:
+    """(N, H, W) labels as an atomic ``.npy`` (uint16 when they fit), the format of a set's ``masks.npy``.
+
+    Parameters
+    ----------
+    path : Path
+        The file to write.
+    labels : numpy.ndarray
+        (N, H, W) integer labels.
+
+    Returns
+    -------
+    Path
+        ``path``.
+    """
+    from ..io.atomic import save_npy_atomic
+
+    save_npy_atomic(path, labels.astype(np.uint16 if labels.max() < 65536 else np.int32))
+    return path
 
 
 def masks_npy_for(images_path: str | Path) -> Path:

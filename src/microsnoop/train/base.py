@@ -12,6 +12,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
+from ..core.registry import Registry
 from ..models.registry import ChannelEncoder
 
 
@@ -81,7 +82,7 @@ def load_matching(model: nn.Module, state: dict[str, torch.Tensor]) -> dict[str,
     own = model.state_dict()
     fit = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
     if not fit:
-        from ..errors import MicrosnoopError
+        from ..core.errors import MicrosnoopError
 
         raise MicrosnoopError("--init weights share no tensor (name and shape) with the model being trained")
     model.load_state_dict(fit, strict=False)
@@ -96,18 +97,37 @@ class MethodSpec:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-_METHODS: dict[str, MethodSpec] = {}
+_METHODS: Registry[MethodSpec] = Registry("method")
 
 
 def register_method(spec: MethodSpec) -> MethodSpec:
-    if spec.name in _METHODS:
-        raise ValueError(f"method {spec.name!r} registered twice")
-    _METHODS[spec.name] = spec
-    return spec
+    """Make ``spec`` available by name to ``microsnoop train --method``."""
+    return _METHODS.add(spec)
+
+
+def encoder_from(enc: Any, module: Any, prefix: str) -> Any:
+    """``enc`` (a ChannelEncoder) loaded with a copy of ``module``'s trained weights under ``prefix.``.
+
+    Parameters
+    ----------
+    enc : ChannelEncoder
+        The inference-side encoder, built from the method's config.
+    module : torch.nn.Module
+        The trained network (or the part of it that embeds).
+    prefix : str
+        Where ``enc`` keeps that network (``net``, ``vit``, ``source``).
+
+    Returns
+    -------
+    ChannelEncoder
+        ``enc`` in eval mode.
+    """
+    enc.load_weights({f"{prefix}.{k}": v.detach().clone() for k, v in module.state_dict().items()})
+    return enc.eval()
 
 
 def get_method(name: str) -> PretextMethod:
-    from ..errors import MicrosnoopError
+    from ..core.errors import MicrosnoopError
     from . import methods  # noqa: F401  the built-in methods register on import
 
     if name not in _METHODS:

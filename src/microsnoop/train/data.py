@@ -20,7 +20,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..errors import MicrosnoopError
+from ..core.errors import MicrosnoopError
 
 IMAGE_SUFFIXES = (".tif", ".tiff", ".png", ".jpg", ".jpeg", ".bmp", ".npy")
 FOLDER_SKIP_SUFFIXES = (".npy",)  # scanned, but not read as images from a folder (see _manifest_rows)
@@ -246,20 +246,11 @@ class LabelledSet:
 
     def __init__(self, data_path: str | Path, split: str | None = "train", split_column: str = "Metadata_Split",
                  label_column: str | None = None, group_column: str | None = None):
-        import pandas as pd
+        from ..io.dataset import load_set_folder
+        from ..io.normalize import normalize_percentile
 
-        from ..embed.normalize import normalize_percentile
-
-        path = Path(data_path)
-        folder = path.parent if path.suffix == ".npy" else path
-        img_path, meta_path = folder / "images.npy", folder / "metadata.csv"
-        for p in (img_path, meta_path):
-            if not p.exists():
-                raise MicrosnoopError("this method trains on a labelled set: expected images.npy + metadata.csv", p)
-        meta = pd.read_csv(meta_path)
-        images = np.load(img_path, mmap_mode="r")
-        if images.ndim != 4 or len(images) != len(meta):
-            raise MicrosnoopError(f"images {images.shape} do not match {len(meta)} metadata rows", folder)
+        s = load_set_folder(data_path, ("images.npy", "metadata.csv"), "this method trains on a labelled set")
+        img_path, meta_path, meta, images = s.images_path, s.metadata_path, s.metadata, s.images
         rows = np.arange(len(meta))
         if split:
             if split_column not in meta.columns:
@@ -271,7 +262,7 @@ class LabelledSet:
         self.meta = meta.iloc[rows].reset_index(drop=True)
         self.images = normalize_percentile(np.asarray(images[rows]))  # (N, C, H, W) float32
         self.n_channels = int(self.images.shape[1])
-        from ..models.checkpoints import hash_files
+        from ..core.hashing import hash_files
 
         h = hash_files([img_path, meta_path])  # chunked: images.npy can be larger than memory
         h.update(f"{split}|{split_column}|{label_column}|{group_column}".encode())

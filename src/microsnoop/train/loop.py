@@ -20,7 +20,7 @@ states, data-manifest sha256, config; written every ``checkpoint_every`` steps a
 Because batches are a pure function of the step and every state is restored, ``resume=True``
 continues bit-for-bit (same device, thread count, precision and number of ranks).
 
-Several processes (torchrun): ``train`` joins the process group (``microsnoop.distributed.init``:
+Several processes (torchrun): ``train`` joins the process group (``microsnoop.core.distributed.init``:
 gloo on CPU, NCCL on CUDA; rank r computes on ``cuda:LOCAL_RANK``), wraps the model in
 ``DistributedDataParallel`` (gradients averaged over ranks), gives rank r shard ``(r, world)`` of
 the dataset (different batches, still a pure function of seed, step and rank), turns BatchNorm
@@ -42,9 +42,9 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from .. import distributed as dist
-from ..distributed import local_device
-from ..errors import MicrosnoopError
+from ..core import distributed as dist
+from ..core.device import autocast, local_device, resolve_precision
+from ..core.errors import MicrosnoopError
 from ..io.atomic import atomic_path
 
 LOOP_DEFAULTS: dict[str, Any] = {
@@ -61,31 +61,11 @@ TIMEOUT_H = 1.0
 
 
 # ---------------------------------------------------------------- precision and schedule
-def cpu_has_bf16() -> bool:
-    """AVX512-BF16 or AMX makes bf16 matmuls several times faster than fp32 on CPU."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return " avx512_bf16" in flags or " amx_bf16" in flags
-
-
-def resolve_precision(precision: str, device: torch.device) -> str:
-    if precision not in ("auto", "fp32", "bf16", "fp16"):
-        raise MicrosnoopError(f"unknown precision '{precision}' (auto, fp32, bf16, fp16)")
-    if precision != "auto":
-        if precision == "fp16" and device.type != "cuda":
-            raise MicrosnoopError("fp16 training needs CUDA; use bf16 or fp32 on CPU")
-        return precision
-    if device.type == "cuda":
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-    return "bf16" if cpu_has_bf16() else "fp32"
-
-
-def autocast(device: torch.device, precision: str):
-    if precision == "fp32":
-        return torch.autocast(device.type, enabled=False)
-    return torch.autocast(device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
+def resolve_train_precision(precision: str, device: torch.device) -> str:
+    """``auto``: bf16 where native; on CUDA without bf16, fp16 (the loop scales its gradients); else fp32."""
+    if precision == "fp16" and device.type != "cuda":
+        raise MicrosnoopError("fp16 training needs CUDA; use bf16 or fp32 on CPU")
+    return resolve_precision(precision, device, cuda_fallback="fp16")
 
 
 def lr_at(step: int, config: dict[str, Any]) -> float:
@@ -283,7 +263,7 @@ def train(data: str | Path, run_dir: str | Path, *, method: str = "mae-unet", re
     """Train ``method`` on the images of ``data``; write checkpoints and logs to ``run_dir``.
 
     Under torchrun (``WORLD_SIZE`` > 1) every rank joins the process group (gloo on CPU, NCCL on
-    CUDA, ``microsnoop.distributed.init``), computes on ``cuda:LOCAL_RANK`` when ``device`` is
+    CUDA, ``microsnoop.core.distributed.init``), computes on ``cuda:LOCAL_RANK`` when ``device`` is
     ``cuda``, trains a ``DistributedDataParallel`` replica on its own batches (shard ``(rank,
     world)`` of the method's dataset) and only rank 0 writes files. A process group the caller
     already initialised is used as it is (and left open).
@@ -328,7 +308,7 @@ def train(data: str | Path, run_dir: str | Path, *, method: str = "mae-unet", re
         config["data"] = str(data)
     m = get_method(config["method"])
     dev = train_device(device)
-    precision = resolve_precision(config["precision"], dev)
+    precision = resolve_train_precision(config["precision"], dev)
     joined_here = not (torch.distributed.is_available() and torch.distributed.is_initialized())
     d = dist.init(dev, timeout_h=TIMEOUT_H)
     try:

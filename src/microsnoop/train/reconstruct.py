@@ -11,13 +11,13 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from ..errors import MicrosnoopError
+from ..core.errors import MicrosnoopError
 from ..io.atomic import atomic_path
 
 
 def prepare_plane(path: str | Path, channel: int = 0, crop: int | None = 256) -> np.ndarray:
     """One channel of an image, centre-cropped to ``crop`` px and percentile-normalised (float32)."""
-    from ..embed.normalize import normalize_percentile
+    from ..io.normalize import normalize_percentile
     from ..io.images import read_image
 
     img = read_image(path)

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ...models.vqvae import VQVAE_DEFAULTS, CytoselfEncoder, CytoselfVQVAE
-from ..base import MethodSpec, PretextMethod, register_method
+from ..base import MethodSpec, PretextMethod, encoder_from, register_method
 from ..data import LabelledSet, flip_rot
 
 
@@ -103,11 +103,11 @@ class Cytoself(PretextMethod):
     def build(self, config: dict[str, Any]) -> nn.Module:
         cfg = {**self.defaults, **config}
         if not cfg.get("n_classes"):
-            from ...errors import MicrosnoopError
+            from ...core.errors import MicrosnoopError
 
             raise MicrosnoopError("cytoself needs n_classes (set by load_pool from the label column)")
         if int(cfg["input_size"]) % 16:
-            from ...errors import MicrosnoopError
+            from ...core.errors import MicrosnoopError
 
             raise MicrosnoopError("cytoself: input_size must be a multiple of 16 (two 1/4 stages)")
         return CytoselfModel(cfg)
@@ -133,9 +133,7 @@ class Cytoself(PretextMethod):
 
     def to_encoder(self, model: nn.Module, config: dict[str, Any]) -> CytoselfEncoder:
         cfg = {**self.defaults, **config}
-        enc = CytoselfEncoder({k: cfg[k] for k in VQVAE_DEFAULTS})
-        enc.load_weights({f"net.{k}": v.detach().clone() for k, v in model.vqvae.state_dict().items()})
-        return enc.eval()
+        return encoder_from(CytoselfEncoder({k: cfg[k] for k in VQVAE_DEFAULTS}), model.vqvae, "net")
 
 
 register_method(MethodSpec(

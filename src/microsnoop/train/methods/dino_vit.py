@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ...models.vit import VIT_DEFAULTS, ViT, ViTEncoder
-from ..base import MethodSpec, PretextMethod, register_method
+from ..base import MethodSpec, PretextMethod, encoder_from, register_method
 from ..data import ImagePool
 
 
@@ -269,8 +269,7 @@ class DinoViT(PretextMethod):
     def to_encoder(self, model: nn.Module, config: dict[str, Any]) -> ViTEncoder:
         cfg = {**self.defaults, **config}
         enc = ViTEncoder({k: cfg[k] for k in VIT_DEFAULTS if k != "grid"} | {"grid": model.teacher.grid})
-        enc.load_weights({f"vit.{k}": v.detach().clone() for k, v in model.teacher.state_dict().items()})
-        return enc.eval()
+        return encoder_from(enc, model.teacher, "vit")
 
 
 register_method(MethodSpec(

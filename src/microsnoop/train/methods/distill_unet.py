@@ -136,14 +136,15 @@ class DistillUNet(PretextMethod):
     def teachers(self, config: dict[str, Any], device: torch.device) -> list[tuple[str, nn.Module, bool]]:
         """Frozen teachers as the engine's fast modules (BN folded, bf16 weights where the CPU has it)."""
         if self._teachers is None:
-            from ...embed.engine import resolve_precision
+            from ...core.device import resolve_precision
+            from ...embed.engine import bf16_validated
             from ...embed.fused import fast_module
             from ...models.registry import create_model
 
             out = []
             for i, name in enumerate(config["teachers"]):
                 enc = create_model(name, device=device)
-                precision = resolve_precision("auto", device, enc)
+                precision = resolve_precision("auto", device, bf16_validated(enc))
                 mod, cast = fast_module(enc, device, precision)
                 for p in mod.parameters():
                     p.requires_grad_(False)
@@ -183,7 +184,7 @@ class DistillUNet(PretextMethod):
             f = torch.cat(parts).double()
             k = dims[key]
             if min(f.shape) < k:
-                from ...errors import MicrosnoopError
+                from ...core.errors import MicrosnoopError
 
                 raise MicrosnoopError(f"teacher_dims {k} needs at least {k} calibration crops and teacher features "
                                       f"(have {f.shape[0]} crops x {f.shape[1]} features): raise calibration_batches")

@@ -29,9 +29,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ...errors import MicrosnoopError
+from ...core.errors import MicrosnoopError
 from ...models.pcinet import PCI_DEFAULTS, PairedInpaintingEncoder, PairedInpaintingNet
-from ..base import MethodSpec, PretextMethod, register_method
+from ..base import MethodSpec, PretextMethod, encoder_from, register_method
 from ..data import LabelledSet, flip_rot
 from .cytoself import fit_size
 
@@ -107,9 +107,7 @@ class PairedInpainting(PretextMethod):
 
     def to_encoder(self, model: nn.Module, config: dict[str, Any]) -> PairedInpaintingEncoder:
         cfg = {**self.defaults, **config}
-        enc = PairedInpaintingEncoder({k: cfg[k] for k in PCI_DEFAULTS})
-        enc.load_weights({f"source.{k}": v.detach().clone() for k, v in model.source.state_dict().items()})
-        return enc.eval()
+        return encoder_from(PairedInpaintingEncoder({k: cfg[k] for k in PCI_DEFAULTS}), model.source, "source")
 
 
 def relayer(checkpoint: str, layer: int, output: str, pool: str | None = None) -> str:

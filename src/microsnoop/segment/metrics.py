@@ -11,7 +11,7 @@ from typing import Iterable
 
 import numpy as np
 
-from ..errors import MicrosnoopError
+from ..core.errors import MicrosnoopError
 
 
 @dataclass

@@ -16,7 +16,7 @@ from typing import Any, Sequence
 
 import pandas as pd
 
-from ..errors import MicrosnoopError
+from ..core.errors import MicrosnoopError
 from ..profiling.table import select_rows
 
 FORMATS = ("parquet", "h5", "h5ad")
@@ -103,6 +103,15 @@ def _query(column: str, value: str) -> str:
     return f"{column} == {quoted}"
 
 
+def _word_query(meta: pd.DataFrame, words: Sequence[str], none_note: str) -> tuple[str | None, str]:
+    """A query for the first Metadata_* column with a value among ``words``, and how it was chosen."""
+    hits = _word_rows(meta, words)
+    if not hits:
+        return None, none_note
+    col, val = hits[0]
+    return _query(col, val), f"inferred from {col} = {val!r}"
+
+
 def _given_query(meta: pd.DataFrame, given: str, option: str) -> tuple[str, str]:
     """A user's query, checked to select at least one row (errors name ``option``)."""
     if int(select_rows(meta, given, option).sum()) == 0:
@@ -115,11 +124,7 @@ def infer_controls(meta: pd.DataFrame, given: str | None) -> tuple[str | None, s
     value such as negative/DMSO/mock; returns (query or None, how it was chosen)."""
     if given:
         return _given_query(meta, given, "--controls")
-    hits = _word_rows(meta, NEGATIVE_WORDS)
-    if not hits:
-        return None, "no column says negative/DMSO/mock"
-    col, val = hits[0]
-    return _query(col, val), f"inferred from {col} = {val!r}"
+    return _word_query(meta, NEGATIVE_WORDS, "no column says negative/DMSO/mock")
 
 
 def infer_positive(meta: pd.DataFrame, given: str | None) -> tuple[str | None, str]:
@@ -128,11 +133,7 @@ def infer_positive(meta: pd.DataFrame, given: str | None) -> tuple[str | None, s
         return None, "none given"
     if given != "auto":
         return _given_query(meta, given, "--positive")
-    hits = _word_rows(meta, POSITIVE_WORDS)
-    if not hits:
-        return None, "no column says positive"
-    col, val = hits[0]
-    return _query(col, val), f"inferred from {col} = {val!r}"
+    return _word_query(meta, POSITIVE_WORDS, "no column says positive")
 
 
 def open_plate_source(path: str | Path, plate_map: str | Path | None = None) -> Any:

@@ -3,7 +3,7 @@
 ``torchrun --nproc_per_node=N -m microsnoop CMD ...`` starts N copies of the CLI with RANK,
 WORLD_SIZE, LOCAL_RANK and MASTER_ADDR/PORT set. ``init`` joins the group they describe (gloo on
 CPU, NCCL when the rank uses a GPU) and is a no-op for a single process, so the same code runs with
-and without torchrun. ``local_device`` gives each rank on a node its own GPU (``cuda:LOCAL_RANK``).
+and without torchrun. ``core.device.local_device`` gives each rank on a node its own GPU (``cuda:LOCAL_RANK``).
 """
 from __future__ import annotations
 
@@ -47,36 +47,6 @@ def current() -> Dist:
         return Dist(torch.distributed.get_rank(), torch.distributed.get_world_size(),
                     int(os.environ.get("LOCAL_RANK", torch.distributed.get_rank())))
     return env_dist()
-
-
-def local_device(device: str | torch.device) -> torch.device:
-    """Under torchrun, ``cuda`` (no index) means ``cuda:LOCAL_RANK`` (modulo the GPUs visible).
-
-    Parameters
-    ----------
-    device : str or torch.device
-        ``cpu``, ``cuda`` or ``cuda:N``.
-
-    Returns
-    -------
-    torch.device
-        The device this rank computes on.
-    """
-    try:
-        dev = torch.device(device)
-    except RuntimeError:
-        raise MicrosnoopError(f"unknown device '{device}' (use cpu, cuda or cuda:N)") from None
-    if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            raise MicrosnoopError("--device cuda asked for, but no CUDA GPU is available")
-        local_world = int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1)
-        if dev.index is None and "LOCAL_RANK" in os.environ:
-            return torch.device("cuda", int(os.environ["LOCAL_RANK"]) % max(1, torch.cuda.device_count()))
-        if dev.index is not None and local_world > 1 and torch.cuda.device_count() > 1:
-            # every rank of the node would share one GPU (NCCL refuses, or they all queue on it)
-            raise MicrosnoopError(f"--device {device} under torchrun with {local_world} ranks per node: "
-                                  "use --device cuda (each rank takes cuda:LOCAL_RANK)")
-    return dev
 
 
 def init(device: torch.device | None = None, timeout_h: float = 24.0) -> Dist:

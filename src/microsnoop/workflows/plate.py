@@ -1,5 +1,8 @@
 """A whole plate end to end: manifest -> segment -> crop cells -> embed -> fields -> wells -> profiles -> report.
 
+This workflow chains the layers: the field loop (:mod:`microsnoop.pipelines.plate_fields`), then
+profiling (aggregate, normalise, sphere), then the plate metrics and reports (:mod:`microsnoop.evaluate`).
+
 ``run_plate`` takes a CellProfiler LoadData manifest (one row per field, ``FileName_<channel>`` and
 ``Metadata_*`` columns) and writes, into one output folder:
 
@@ -19,7 +22,8 @@ its knee epsilon) is recorded in each output's provenance and in ``report.json``
 The input is a LoadData manifest or an OME-Zarr HCS plate (with ``metadata``, a plate map). Options
 are checked against the plate's metadata before any field is processed; finished fields are kept as
 they finish and each table is written as soon as it exists, so a later failure loses nothing and
-``resume`` continues; ``shard``/``merge`` split the fields over processes (see :mod:`.fieldstore`).
+``resume`` continues; ``shard``/``merge`` split the fields over processes (see
+:mod:`microsnoop.pipelines.fieldstore`).
 """
 from __future__ import annotations
 
@@ -33,8 +37,8 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import pandas as pd
 
+from ..core.errors import MicrosnoopError
 from ..embed import defaults
-from ..errors import MicrosnoopError
 from ..io.atomic import atomic_path
 from ..profiling.aggregate import aggregate, aggregate_step
 from ..profiling.table import select_rows, write_profiles
@@ -214,9 +218,7 @@ def run_plate(manifest: str | Path, output: str | Path, settings: PlateSettings 
     failure leaves them in place. ``shard`` (``"i/n"``) computes only every n-th field from the i-th and
     stops; ``merge`` then assembles the plate from the shards' fields (computing none). ``on_plan`` is
     called with the checked plan before any field is processed (the CLI prints its warnings)."""
-    from .fieldstore import FieldStore, parse_shard, shard_fields
-    from .fields import assemble_plate, field_state, plate_diameter, plate_field_options, plate_fields, user_cells
-    from .plate_checks import check_plate
+    from ..pipelines.fieldstore import parse_shard
 
     s = settings or PlateSettings()
     output = Path(output)
@@ -227,82 +229,128 @@ def run_plate(manifest: str | Path, output: str | Path, settings: PlateSettings 
     t0 = time.perf_counter()
     # ---- 1. pre-flight: everything that can fail, on metadata only
     _check_output(output, s.fmt, overwrite, resume or merge or shard_t is not None)
-    opts = plate_field_options(s)
-    plan = check_plate(manifest, s, opts)
-    user_cells(plan, s, opts)
-    from ..embed import Embedder
-
-    embedder = Embedder(s.model, device=s.device, precision=s.precision, batch_size=s.batch_size,
-                        threads=getattr(s, "threads", None), engine=getattr(s, "engine", "auto"))
-    state = field_state(plan, s, opts, embedder)
+    plan, opts, embedder, state = _preflight(manifest, s)
     timings["checks_s"] = time.perf_counter() - t0
     if on_plan:
         on_plan(plan)
     # ---- 2. fields: each kept as it finishes
-    ext = EXTENSIONS[s.fmt]
-    store = FieldStore(output.parent / f"{output.name}.partial")
-    reused = _reusable_fields(output, s, state) if (resume or merge) and not store.exists() else None
     t1 = time.perf_counter()
-    if reused is None:
-        store.open(state, resume=resume or merge or shard_t is not None,
-                   overwrite=overwrite and shard_t is None and not merge, output=output)
-        todo = [] if merge else shard_fields(plan.n_fields, shard_t)
-        try:
-            diameter_note = plate_diameter(plan, opts, store, str(embedder.device)) if todo or merge else None
-            fe = plate_fields(plan, s, opts, embedder, store, todo, progress)
-        except BaseException as exc:
-            _keep_or_drop(store, exc)
-            raise
-        if shard_t is not None:
-            return _shard_result(output, store, plan, shard_t)
-        cells, fields, feats, prov = assemble_plate(plan, store, fe, embedder, diameter_note)
-        prov["fields_state"] = state
-    else:
-        cells, fields, feats, prov = reused
+    run = _FieldRun(plan, s, opts, embedder, state, output)
+    got = run.fields(progress, overwrite, resume, shard_t, merge)
+    if got is None:
+        return _shard_result(output, run.store, plan, shard_t)
+    cells, fields, feats, prov = got
     timings["segment_crop_embed_s"] = time.perf_counter() - t1
-    files: dict[str, Path] = {}
-    output.mkdir(parents=True, exist_ok=True)
-    for name in STAGES[2:]:                 # later stages are recomputed: never leave an earlier run's behind
-        _stage_file(output, name, s.fmt).unlink(missing_ok=True)
-    for name in ("report.json", "report.md"):
-        (output / name).unlink(missing_ok=True)
     prov = {**prov, "plate_settings": _jsonable(asdict(s)), "plan": _plan_record(plan)}
     if command:
         prov["command"] = command
-    if reused is None:
-        if s.save_cells and cells is not None:
-            files["cells"] = write_profiles(output / f"cells{ext}", cells, feats, {**prov, "level": "cells"})
-        files["fields"] = write_profiles(output / f"fields{ext}", fields, feats, {**prov, "level": "fields"})
-        files.update(_move_aux(store, output))
-    else:
-        files.update({n: _stage_file(output, n, s.fmt) for n in ("cells", "fields") if _stage_file(output, n, s.fmt).exists()})
+    files = run.write_fields(cells, fields, feats, prov)
     # ---- 3. wells, treatments, metrics: each table written as it exists; what cannot run is a warning
-
-    def on_stage(name: str, df: pd.DataFrame, steps: list[dict]) -> None:
-        files[name] = write_profiles(output / f"{name}{ext}", df, feats, {**prov, "profiling": steps, "level": name})
-
     t2 = time.perf_counter()
-    try:
-        res = profile_wells(fields, feats, s, plan, on_stage)
-    except MicrosnoopError as exc:
-        done = ", ".join(p.name for p in files.values())
-        raise MicrosnoopError(f"{exc} (finished stages kept in {output}: {done}; fix it and rerun with --resume)") from None
+    res = _profile_stage(fields, feats, s, plan, output, prov, files)
     timings["profile_evaluate_s"] = time.perf_counter() - t2
     prov = {**prov, "profiling": res["steps"]}
     timings["total_s"] = time.perf_counter() - t0
-    warns = list(plan.warnings) + res["warnings"]
     report = {**res["report"], "model": prov.get("model"), "model_sha256": prov.get("sha256"),
               "n_fields": int(len(fields)), "n_cells": int(fields.get("Metadata_Count", pd.Series([0])).sum()),
-              "warnings": warns, "timings": timings, "provenance": prov,
+              "warnings": list(plan.warnings) + res["warnings"], "timings": timings, "provenance": prov,
               "files": {k: str(v) for k, v in files.items()}}
     files["report_json"] = _write_text(output / "report.json", json.dumps(_jsonable(report), indent=1))
     files["report_md"] = _write_text(output / "report.md", render_markdown(report))
     from ..evaluate.html_report import plate_report_safely  # never fails the run: a warning at worst
 
     files.update(plate_report_safely(output, cells, feats))
-    if store.exists():
-        shutil.rmtree(store.folder, ignore_errors=True)
+    if run.store.exists():
+        shutil.rmtree(run.store.folder, ignore_errors=True)
     return PlateResult(output, files, report, timings)
+
+
+def _preflight(manifest: str | Path, s: PlateSettings) -> tuple[Any, Any, Any, dict[str, Any]]:
+    """The checked plan, field options, embedder and the state every field depends on."""
+    from ..embed import Embedder
+    from ..pipelines.plate_fields import field_state, plate_field_options, user_cells
+    from .plate_checks import check_plate
+
+    opts = plate_field_options(s)
+    plan = check_plate(manifest, s, opts)
+    user_cells(plan, s, opts)
+    embedder = Embedder(s.model, device=s.device, precision=s.precision, batch_size=s.batch_size,
+                        threads=getattr(s, "threads", None), engine=getattr(s, "engine", "auto"))
+    return plan, opts, embedder, field_state(plan, s, opts, embedder)
+
+
+class _FieldRun:
+    """The fields stage of one plate run: computed into the field store, or reused from a finished run."""
+
+    def __init__(self, plan: Any, s: PlateSettings, opts: Any, embedder: Any, state: dict[str, Any], output: Path):
+        from ..pipelines.fieldstore import FieldStore
+
+        self.plan, self.s, self.opts, self.embedder, self.state, self.output = plan, s, opts, embedder, state, output
+        self.store = FieldStore(output.parent / f"{output.name}.partial")
+        self.reused = False
+
+    def fields(self, progress: Callable[[int], None] | None, overwrite: bool, resume: bool,
+               shard_t: tuple[int, int] | None, merge: bool) -> tuple[Any, pd.DataFrame, list[str], dict] | None:
+        """(cells, fields, feature names, provenance), or None when this was one shard of the plate."""
+        from ..pipelines.fieldstore import shard_fields
+        from ..pipelines.plate_fields import assemble_plate, plate_diameter, plate_fields
+
+        plan, store = self.plan, self.store
+        if (resume or merge) and not store.exists():
+            reused = _reusable_fields(self.output, self.s, self.state)
+            if reused is not None:
+                self.reused = True
+                return reused
+        store.open(self.state, resume=resume or merge or shard_t is not None,
+                   overwrite=overwrite and shard_t is None and not merge, output=self.output)
+        todo = [] if merge else shard_fields(plan.n_fields, shard_t)
+        try:
+            diameter_note = plate_diameter(plan, self.opts, store, str(self.embedder.device)) if todo or merge else None
+            fe = plate_fields(plan, self.s, self.opts, self.embedder, store, todo, progress)
+        except BaseException as exc:
+            _keep_or_drop(store, exc)
+            raise
+        if shard_t is not None:
+            return None
+        cells, fields, feats, prov = assemble_plate(plan, store, fe, self.embedder, diameter_note)
+        prov["fields_state"] = self.state
+        return cells, fields, feats, prov
+
+    def write_fields(self, cells: pd.DataFrame | None, fields: pd.DataFrame, feats: list[str],
+                     prov: dict[str, Any]) -> dict[str, Path]:
+        """Write cells/fields (or name the reused ones), after removing an earlier run's later stages."""
+        output, s = self.output, self.s
+        ext = EXTENSIONS[s.fmt]
+        output.mkdir(parents=True, exist_ok=True)
+        for name in STAGES[2:]:                 # later stages are recomputed: never leave an earlier run's behind
+            _stage_file(output, name, s.fmt).unlink(missing_ok=True)
+        for name in ("report.json", "report.md"):
+            (output / name).unlink(missing_ok=True)
+        files: dict[str, Path] = {}
+        if self.reused:
+            files.update({n: _stage_file(output, n, s.fmt) for n in ("cells", "fields")
+                          if _stage_file(output, n, s.fmt).exists()})
+            return files
+        if s.save_cells and cells is not None:
+            files["cells"] = write_profiles(output / f"cells{ext}", cells, feats, {**prov, "level": "cells"})
+        files["fields"] = write_profiles(output / f"fields{ext}", fields, feats, {**prov, "level": "fields"})
+        files.update(_move_aux(self.store, output))
+        return files
+
+
+def _profile_stage(fields: pd.DataFrame, feats: list[str], s: PlateSettings, plan: Any, output: Path,
+                   prov: dict[str, Any], files: dict[str, Path]) -> dict[str, Any]:
+    """Wells, treatments and metrics, each table written to ``files`` as it exists."""
+    ext = EXTENSIONS[s.fmt]
+
+    def on_stage(name: str, df: pd.DataFrame, steps: list[dict]) -> None:
+        files[name] = write_profiles(output / f"{name}{ext}", df, feats, {**prov, "profiling": steps, "level": name})
+
+    try:
+        return profile_wells(fields, feats, s, plan, on_stage)
+    except MicrosnoopError as exc:
+        done = ", ".join(p.name for p in files.values())
+        raise MicrosnoopError(f"{exc} (finished stages kept in {output}: {done}; fix it and rerun with --resume)") from None
 
 
 def _reusable_fields(output: Path, s: PlateSettings, state: dict[str, Any]
