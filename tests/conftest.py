@@ -93,3 +93,20 @@ def tiny_pool(shared_data, tmp_path_factory) -> Path:
             rows.append({"path": Path(rel).name, "modality": modality})
     pd.DataFrame(rows).to_csv(d / "manifest.csv", index=False)
     return d
+
+
+def embedding_parts(path) -> tuple:
+    """(metadata frame, (N, D) float32 features, provenance) of an output, via the one public reader."""
+    from microsnoop import feature_columns, read_embeddings
+
+    df = read_embeddings(path)
+    names = feature_columns(df)
+    return df.drop(columns=names), df[names].to_numpy(dtype=np.float32), df.attrs["microsnoop"]
+
+
+def profile_parts(path) -> tuple:
+    """(whole frame, feature names, provenance) of a profiles file, via the one public reader."""
+    from microsnoop import feature_columns, read_embeddings
+
+    df = read_embeddings(path)
+    return df, feature_columns(df), df.attrs["microsnoop"]

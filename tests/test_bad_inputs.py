@@ -500,14 +500,14 @@ def test_bad_input(cmd, name, build, inputs, tmp_path, cli, monkeypatch):
 
 # ---- warnings a user must see ------------------------------------------------------------------
 def test_tiny_images_are_padded_with_a_warning(inputs, tmp_path, cli):
-    from microsnoop.io import read_embeddings
+    from conftest import embedding_parts
 
     small = np.load(inputs.arr)[:3, :, 20:30, 20:32]
     np.save(tmp_path / "small.npy", small)
     with pytest.warns(MicrosnoopWarning, match=r"3 image\(s\) smaller than the model's 16 px minimum were zero-padded"):
         code, _, err = cli("embed", tmp_path / "small.npy", "-o", tmp_path / "s.parquet", *E)
     assert code == 0, err
-    _, x, _ = read_embeddings(tmp_path / "s.parquet")
+    _, x, _ = embedding_parts(tmp_path / "s.parquet")
     assert x.shape == (3, 512) and np.isfinite(x).all()
 
 

@@ -16,7 +16,7 @@ import torch
 
 import microsnoop
 from microsnoop.core.errors import MicrosnoopError
-from microsnoop.io import read_embeddings
+from conftest import embedding_parts
 from microsnoop.models import create_model
 from microsnoop.models.unet import MicrosnoopUNet
 
@@ -93,9 +93,9 @@ def test_batch_and_channel_invariance(yeast):
 def test_mixed_sizes_embed_each_at_own_size(yeast):
     imgs = np.load(yeast / "images.npy", mmap_mode="r")
     mixed = [np.array(imgs[0]), np.array(imgs[1, :, 8:56, 4:60]), np.array(imgs[2, :, :10, :10])]
-    out = microsnoop.embed(mixed, model="random-init", device="cpu")
+    out = microsnoop.embed(mixed, model="random-init", device="cpu", precision="fp32")
     assert out.shape == (3, 512) and np.isfinite(out).all()
-    assert np.allclose(out[1], microsnoop.embed(mixed[1], model="random-init", device="cpu")[0], atol=1e-5)
+    assert np.allclose(out[1], microsnoop.embed(mixed[1], model="random-init", device="cpu", precision="fp32")[0], atol=1e-5)
     # a 10x10 image is padded (centred zeros after normalisation) to the 16-px minimum
     from microsnoop.io.normalize import normalize_percentile
 
@@ -119,7 +119,7 @@ def yeast_outputs(yeast, tmp_path_factory):
 
 
 def test_yeast_parquet_and_h5(yeast_outputs, yeast):
-    meta, x, prov = read_embeddings(yeast_outputs / "out.parquet")
+    meta, x, prov = embedding_parts(yeast_outputs / "out.parquet")
     assert x.shape == (1642, 512)
     src_meta = pd.read_csv(yeast / "metadata.csv")
     for col in src_meta.columns:
@@ -161,8 +161,8 @@ def test_resume_after_kill_matches_uninterrupted(yeast_subset, tmp_path):
     assert r.returncode == 2 and "--resume" in r.stderr  # refuses to silently restart
     subprocess.run(args + ["-o", str(out), "--resume"], check=True, capture_output=True)
     assert not part.exists()
-    m1, x1, _ = read_embeddings(full)
-    m2, x2, _ = read_embeddings(out)
+    m1, x1, _ = embedding_parts(full)
+    m2, x2, _ = embedding_parts(out)
     assert np.array_equal(x1, x2) and m1.equals(m2)
 
 
@@ -218,7 +218,7 @@ def test_small_image_is_padded_not_refused(cli, tmp_path, yeast):
     np.save(tmp_path / "small.npy", small)
     code, _, err = cli("embed", tmp_path / "small.npy", "-o", tmp_path / "s.parquet", "--model", "random-init")
     assert code == 0, err
-    _, x, _ = read_embeddings(tmp_path / "s.parquet")
+    _, x, _ = embedding_parts(tmp_path / "s.parquet")
     assert x.shape == (3, 512) and np.isfinite(x).all()
 
 
@@ -239,7 +239,7 @@ def test_existing_output_needs_overwrite(cli, tmp_path, yeast_subset):
     assert out.read_text() == "precious"
     code, _, err = cli("embed", yeast_subset, "-o", out, "--model", "random-init", "--overwrite")
     assert code == 0, err
-    assert read_embeddings(out)[1].shape == (96, 512)
+    assert embedding_parts(out)[1].shape == (96, 512)
 
 
 def test_manifest_input_real_plate(cli, tmp_path, shared_data):
@@ -251,7 +251,7 @@ def test_manifest_input_real_plate(cli, tmp_path, shared_data):
     code, _, err = cli("embed", tmp_path / "m.csv", "-o", tmp_path / "o.parquet", "--model", "random-init",
                        "--channels", "DNA,GFP")
     assert code == 0, err
-    meta, x, prov = read_embeddings(tmp_path / "o.parquet")
+    meta, x, prov = embedding_parts(tmp_path / "o.parquet")
     assert x.shape == (3, 512) and list(meta["Metadata_Well"]) == ["A01", "A02", "A03"]
     assert prov["channel_names"] == ["DNA", "GFP"]
 

@@ -13,7 +13,8 @@ import pytest
 
 from microsnoop.embed import embed_source
 from microsnoop.embed.distributed import finished_chunks
-from microsnoop.io import open_source, read_embeddings
+from conftest import embedding_parts
+from microsnoop.io import open_source
 
 pytestmark = pytest.mark.filterwarnings("ignore:model 'random-init' is untrained")
 
@@ -46,13 +47,14 @@ def descendants(pid: int) -> list[int]:
 def single(yeast_subset, tmp_path_factory) -> Path:
     """The single-process reference, run in-process (96 real yeast cells, 2 channels, chunks of 8)."""
     out = tmp_path_factory.mktemp("single") / "single.parquet"
-    embed_source(open_source(yeast_subset), out, model="random-init", device="cpu", chunk_size=8, command="test")
+    embed_source(open_source(yeast_subset), out, model="random-init", device="cpu", precision="fp32", chunk_size=8,
+                 command="test")
     return out
 
 
 def _same(a: Path, b: Path) -> None:
-    m1, x1, _ = read_embeddings(a)
-    m2, x2, p2 = read_embeddings(b)
+    m1, x1, _ = embedding_parts(a)
+    m2, x2, p2 = embedding_parts(b)
     assert x1.shape == x2.shape == (96, 512)
     assert m1.equals(m2)  # merged in input order
     assert np.abs(x1 - x2).max() < 1e-6
@@ -93,8 +95,8 @@ def test_killed_two_rank_run_resumes_without_recomputing(yeast_subset, single, t
     r = subprocess.run(torchrun(args + ["--resume"]), capture_output=True, text=True, env=env(), timeout=120)
     assert r.returncode == 0, "\n".join(ln for ln in r.stderr.splitlines() if "error" in ln.lower())[-3000:]
     assert not part.exists()
-    _, x1, _ = read_embeddings(single)
-    _, x2, _ = read_embeddings(out)
+    _, x1, _ = embedding_parts(single)
+    _, x2, _ = embedding_parts(out)
     rows = slice(4 * k0, 4 * k0 + 4)
     assert np.abs(x2[rows] - 1000.0 - x1[rows]).max() < 1e-3
     keep = np.ones(len(x1), bool)

@@ -253,10 +253,10 @@ def test_plate_previews_masks_and_user_masks(plate2, tmp_path, cli):
     out2 = tmp_path / "run2"
     code, _, err = cli("plate", plate2, "-o", out2, "--segmenter", "masks", "--masks", mdir, *FAST)
     assert code == 0, err
-    from microsnoop.profiling.table import read_profiles
+    from conftest import profile_parts
 
-    f1, feats, _ = read_profiles(out / "fields.parquet")
-    f2, _, _ = read_profiles(out2 / "fields.parquet")
+    f1, feats, _ = profile_parts(out / "fields.parquet")
+    f2, _, _ = profile_parts(out2 / "fields.parquet")
     assert list(f1["Metadata_CellsFound"]) == list(f2["Metadata_CellsFound"])
     np.testing.assert_allclose(f1[feats].to_numpy(), f2[feats].to_numpy(), rtol=1e-4, atol=1e-5)
 
@@ -269,9 +269,9 @@ def test_plate_cells_from_centres(plate2, tmp_path, cli):
     code, _, err = cli("plate", plate2, "-o", out, "--segmenter", "centres", "--centres", csv, "--centre-size", "24",
                        "--save-cells", *FAST)
     assert code == 0, err
-    from microsnoop.profiling.table import read_profiles
+    from conftest import profile_parts
 
-    cells, _, _ = read_profiles(out / "cells.parquet")
+    cells, _, _ = profile_parts(out / "cells.parquet")
     assert len(cells) == 3                                   # the centre 5 px from the edge is a border cell
     assert sorted(cells["Metadata_Centroid_X"]) == [100.5, 320.0, 400.0]
     assert set(cells["Metadata_BBox_X1"] - cells["Metadata_BBox_X0"]) == {24}
@@ -326,13 +326,13 @@ def test_plate_manifest_given_by_a_relative_path(shared_data, tmp_path, cli, mon
 
 @pytest.mark.parametrize("mode", ["rescale", "tile"])
 def test_plate_whole_field_modes(plate2, tmp_path, cli, mode):
-    from microsnoop.profiling.table import read_profiles
+    from conftest import profile_parts
 
     out = tmp_path / "run"
     args = [a if a != "32" else "160" for a in FAST]                  # Sta 160: 5 x 5 tiles of a 640 px field
     code, _, err = cli("plate", plate2, "-o", out, "--mode", mode, "--save-cells", *args)
     assert code == 0, err
-    fields, feats, prov = read_profiles(out / "fields.parquet")
+    fields, feats, prov = profile_parts(out / "fields.parquet")
     n = 1 if mode == "rescale" else len(tile_starts(640, 160)) ** 2
     assert n in (1, 25)
     assert len(fields) == 2 and list(fields["Metadata_Count"]) == [n, n]

@@ -112,7 +112,7 @@ def run_images(path: Path, embedder) -> None:
 def run_case(kind: str, seed: int, inputs: Inputs, work: Path, embedder) -> str:
     """Mutate one real input with ``seed`` and run it; returns 'ok' or 'error'."""
     from microsnoop.profiling.pipeline import ProfileSettings, run_profile
-    from microsnoop.profiling.table import read_profiles
+    from conftest import profile_parts
 
     rng = np.random.default_rng(seed)
     work.mkdir(parents=True)
@@ -147,7 +147,7 @@ def run_case(kind: str, seed: int, inputs: Inputs, work: Path, embedder) -> str:
                                 treatment=["Metadata_Compound"])
             out = run_profile(p, work / "out.parquet", s)
             for path in out.values():
-                _, _, _ = read_profiles(path)  # re-reading checks the features are finite
+                _, _, _ = profile_parts(path)  # re-reading checks the features are finite
         return "ok"
     except MicrosnoopError:
         return "error"

@@ -76,12 +76,12 @@ def _round_trip(run: Path, method: str, x: torch.Tensor) -> None:
 
 
 def _embed_cli(cli, run: Path, yeast82: Path, tmp_path: Path, dim: int) -> None:
-    from microsnoop.io.writers import read_embeddings
+    from conftest import embedding_parts
 
     out = tmp_path / "emb.parquet"
     code, _, err = cli("embed", yeast82 / "images.npy", "--model", run / "model.safetensors", "-o", out)
     assert code == 0, err
-    meta, X, prov = read_embeddings(out)
+    meta, X, prov = embedding_parts(out)
     assert X.shape == (83, 2 * dim) and np.isfinite(X).all()
     assert prov["precision"] == "fp32"  # not a bf16-validated architecture: auto stays fp32
 

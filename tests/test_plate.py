@@ -25,7 +25,7 @@ def plate8(shared_data, tmp_path_factory) -> Path:
 
 
 def test_plate_end_to_end_on_8_real_wells(plate8, tmp_path, cli):
-    from microsnoop.profiling.table import read_profiles
+    from conftest import profile_parts
 
     out = tmp_path / "run"
     code, _, err = cli("plate", plate8, "-o", out, "--model", "cellpose-encoder", "--channels", "GFP,DNA",
@@ -45,15 +45,15 @@ def test_plate_end_to_end_on_8_real_wells(plate8, tmp_path, cli):
     assert "Z'" in (out / "report.md").read_text()
     assert (out / "report.html").stat().st_size > 1e6        # rendered from .h5ad tables too (categorical metadata)
 
-    cells, _, _ = read_profiles(out / "cells.h5ad")
-    fields, feats, prov = read_profiles(out / "fields.h5ad")
+    cells, _, _ = profile_parts(out / "cells.h5ad")
+    fields, feats, prov = profile_parts(out / "fields.h5ad")
     assert len(fields) == 8 and len(feats) == 512 and feats[0] == "GFP_emb_000" and feats[-1] == "DNA_emb_255"
     assert 8 < len(cells) <= 8 * 12
     # a field's vector is the mean of its cells' vectors
     w = fields["Metadata_Well"].astype(str).iloc[0]
     np.testing.assert_allclose(fields[feats].iloc[0], cells[cells["Metadata_Well"].astype(str) == w][feats].mean(),
                                rtol=1e-4, atol=1e-5)
-    wells, _, _ = read_profiles(out / "wells.h5ad")
+    wells, _, _ = profile_parts(out / "wells.h5ad")
     neg = wells[wells["Metadata_Control"].astype(str) == "negative"][feats].to_numpy(np.float64)
     np.testing.assert_allclose(neg.mean(axis=0), 0, atol=1e-4)            # sphered on the negative controls
     import anndata as ad

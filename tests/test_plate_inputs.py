@@ -95,7 +95,7 @@ def _no_field_read(monkeypatch) -> list:
 def test_cellpainting_whole_cells_named_columns_report(cp3, tmp_path, cli):
     """Whole cells from [AGP, DNA], all five channels cropped and embedded, named columns, degraded steps
     recorded as warnings (2 mock wells: no sphering; no positive controls, no treatment columns)."""
-    from microsnoop.profiling.table import read_profiles
+    from conftest import profile_parts
 
     out = tmp_path / "run"
     code, _, err = cli("plate", cp3, "-o", out, "--cyto-channel", "AGP", "--segment-channel", "DNA", "--model",
@@ -108,8 +108,8 @@ def test_cellpainting_whole_cells_named_columns_report(cp3, tmp_path, cli):
     assert any(w.startswith("sphering skipped: 1 negative-control well") for w in rep["warnings"])
     assert any("no positive controls" in w for w in rep["warnings"])
     assert rep["provenance"]["plan"]["controls"] == 'Metadata_Control == "negative"'
-    fields, feats, _ = read_profiles(out / "fields.parquet")
-    cells, cfeats, _ = read_profiles(out / "cells.parquet")
+    fields, feats, _ = profile_parts(out / "fields.parquet")
+    cells, cfeats, _ = profile_parts(out / "cells.parquet")
     expected = [f"{ch}_emb_{j:03d}" for ch in CP_CHANNELS for j in range(256)]
     assert feats == expected and cfeats == expected
     assert len(fields) == 3 and (fields["Metadata_Count"] == 4).all()
@@ -139,7 +139,7 @@ def test_whole_cells_are_larger_than_nuclei(shared_data):
 @pytest.mark.slow
 def test_cellpainting_mini_plate_end_to_end_default_model(cellpainting, tmp_path, cli):
     """The issue's command on all ten fields: default model, Cellpose whole cells (diameter estimated)."""
-    from microsnoop.profiling.table import read_profiles
+    from conftest import profile_parts
 
     out = tmp_path / "run"
     t0 = time.perf_counter()
@@ -147,8 +147,8 @@ def test_cellpainting_mini_plate_end_to_end_default_model(cellpainting, tmp_path
                        "--crop-size", "96", "--device", "cpu", "--precision", "bf16", "--save-cells")
     wall = time.perf_counter() - t0
     assert code == 0, err
-    fields, feats, _ = read_profiles(out / "fields.parquet")
-    cells, _, _ = read_profiles(out / "cells.parquet")
+    fields, feats, _ = profile_parts(out / "fields.parquet")
+    cells, _, _ = profile_parts(out / "cells.parquet")
     assert len(fields) == 10 and len(feats) == 5 * 256 and feats[-1] == "Mito_emb_255"
     assert (fields["Metadata_Count"] > 0).all() and len(cells) == fields["Metadata_Count"].sum()
     rep = json.loads((out / "report.json").read_text())
@@ -159,7 +159,7 @@ def test_cellpainting_mini_plate_end_to_end_default_model(cellpainting, tmp_path
 # ------------------------------------------------------------------------------ OME-Zarr
 
 def test_ome_zarr_plate_equals_the_tiff_manifest(bbbc013_8, tmp_path, cli):
-    from microsnoop.profiling.table import read_profiles
+    from conftest import profile_parts
 
     plate = write_ome_zarr_plate(bbbc013_8, tmp_path / "bbbc013.zarr", ["GFP", "DNA"])
     args = [*FAST, "--channels", "GFP,DNA"]
@@ -167,8 +167,8 @@ def test_ome_zarr_plate_equals_the_tiff_manifest(bbbc013_8, tmp_path, cli):
     assert code == 0, err
     code, _, err = cli("plate", plate, "-o", tmp_path / "zarr", "--metadata", bbbc013_8, *args)
     assert code == 0, err
-    tw, feats, _ = read_profiles(tmp_path / "tiff" / "wells.parquet")
-    zw, zfeats, zprov = read_profiles(tmp_path / "zarr" / "wells.parquet")
+    tw, feats, _ = profile_parts(tmp_path / "tiff" / "wells.parquet")
+    zw, zfeats, zprov = profile_parts(tmp_path / "zarr" / "wells.parquet")
     assert zfeats == feats and feats[0] == "GFP_emb_000"               # names from the omero metadata
     assert zprov["plan"]["input_kind"] == "ome-zarr plate"
     tw, zw = tw.sort_values("Metadata_Well").reset_index(drop=True), zw.sort_values("Metadata_Well").reset_index(drop=True)
@@ -198,9 +198,9 @@ def test_ome_zarr_source_reads_fields_lazily_and_embeds(bbbc013_8, tmp_path, cli
     code, _, err = cli("embed", plate, "-o", out, "--model", "random-init", "--device", "cpu", "--chunk-size", "4")
     assert code == 0, err
     assert sorted(reads) == list(range(8))                              # each field read once, on demand
-    from microsnoop.profiling.table import read_profiles
+    from conftest import profile_parts
 
-    df, names, _ = read_profiles(out)
+    df, names, _ = profile_parts(out)
     assert len(df) == 8 and len(names) == 512 and names[0] == "GFP_emb_000"
     assert list(df["Metadata_Well"])[:2] == ["A01", "A02"]
 
@@ -281,7 +281,9 @@ def test_bad_options_fail_before_any_field(cp3, tmp_path, cli, monkeypatch, args
 # ------------------------------------------------------------------------------ nothing lost
 
 def test_late_failure_keeps_finished_stages_and_resume_reuses_fields(bbbc013_8, tmp_path, cli, monkeypatch):
-    from microsnoop.profiling import normalize as norm_mod
+    import importlib
+
+    norm_mod = importlib.import_module("microsnoop.profiling.normalize")  # the module (the package exports the function)
 
     out = tmp_path / "run"
 
@@ -307,7 +309,7 @@ def test_late_failure_keeps_finished_stages_and_resume_reuses_fields(bbbc013_8, 
 
 def test_interrupted_fields_are_kept_and_resumed(bbbc013_8, tmp_path, cli, monkeypatch):
     from microsnoop.pipelines import fields as fields_mod
-    from microsnoop.profiling.table import read_profiles
+    from conftest import profile_parts
 
     ref = tmp_path / "ref"
     assert cli("plate", bbbc013_8, "-o", ref, *FAST)[0] == 0
@@ -333,15 +335,15 @@ def test_interrupted_fields_are_kept_and_resumed(bbbc013_8, tmp_path, cli, monke
     code, _, err = cli("plate", bbbc013_8, "-o", out, *FAST, "--resume")
     assert code == 0, err
     assert sorted(reads) == [3, 4, 5, 6, 7] and not (tmp_path / "run.partial").exists()
-    a, feats, _ = read_profiles(ref / "wells.parquet")
-    b, _, _ = read_profiles(out / "wells.parquet")
+    a, feats, _ = profile_parts(ref / "wells.parquet")
+    b, _, _ = profile_parts(out / "wells.parquet")
     np.testing.assert_array_equal(a[feats].to_numpy(), b[feats].to_numpy())
 
 
 # ------------------------------------------------------------------------------ shards
 
 def test_two_shards_merged_equal_the_single_run(bbbc013_8, tmp_path, cli):
-    from microsnoop.profiling.table import read_profiles
+    from conftest import profile_parts
 
     assert cli("plate", bbbc013_8, "-o", tmp_path / "one", *FAST, "--save-cells")[0] == 0
     out = tmp_path / "sharded"
@@ -354,15 +356,15 @@ def test_two_shards_merged_equal_the_single_run(bbbc013_8, tmp_path, cli):
     code, _, err = cli("plate", bbbc013_8, "-o", out, *FAST, "--save-cells", "--merge")
     assert code == 0, err
     for name in ("cells", "fields", "wells_raw", "wells", "treatments"):
-        a, feats, _ = read_profiles(tmp_path / "one" / f"{name}.parquet")
-        b, _, _ = read_profiles(out / f"{name}.parquet")
+        a, feats, _ = profile_parts(tmp_path / "one" / f"{name}.parquet")
+        b, _, _ = profile_parts(out / f"{name}.parquet")
         pd.testing.assert_frame_equal(a, b, check_exact=True)
     r1, r2 = (json.loads((d / "report.json").read_text()) for d in (tmp_path / "one", out))
     assert r1["z_prime"] == r2["z_prime"] and r1["mean_map"] == r2["mean_map"]
 
 
 def test_embed_two_shards_merged_equal_the_single_run(yeast_subset, tmp_path, cli):
-    from microsnoop.io.writers import read_embeddings
+    from conftest import embedding_parts
 
     args = ["--model", "random-init", "--device", "cpu", "--chunk-size", "16"]
     assert cli("embed", yeast_subset, "-o", tmp_path / "one.parquet", *args)[0] == 0
@@ -373,8 +375,8 @@ def test_embed_two_shards_merged_equal_the_single_run(yeast_subset, tmp_path, cl
         code, _, err = cli("embed", yeast_subset, "-o", out, *args, "--shard", f"{i}/2")
         assert code == 0, err and not out.exists()
     assert cli("embed", yeast_subset, "-o", out, *args, "--merge")[0] == 0
-    m1, x1, _ = read_embeddings(tmp_path / "one.parquet")
-    m2, x2, _ = read_embeddings(out)
+    m1, x1, _ = embedding_parts(tmp_path / "one.parquet")
+    m2, x2, _ = embedding_parts(out)
     np.testing.assert_array_equal(x1, x2)
     assert x1.shape == (96, 512) and m1.equals(m2)
 

@@ -12,7 +12,8 @@ from microsnoop.evaluate.plate import (control_scores, dose_spearman, evaluate_p
 from microsnoop.profiling.aggregate import aggregate
 from microsnoop.profiling.normalize import normalize
 from microsnoop.profiling.sphere import fit_sphering, knee_epsilon, sphere
-from microsnoop.profiling.table import read_profiles, write_profiles
+from microsnoop.profiling.table import write_profiles
+from conftest import profile_parts
 
 CTRL = 'Metadata_Control == "negative"'
 
@@ -45,7 +46,7 @@ def test_aggregate_mean_median_keeps_constant_metadata():
     assert list(mean["Metadata_Count"]) == [2, 3]
     np.testing.assert_allclose(mean["GFP_emb_000"], [2.0, 4.0])
     np.testing.assert_allclose(mean["GFP_emb_001"], [2.0, 6.0])
-    med = aggregate(df, ["Metadata_Well"], method="median")
+    med = aggregate(df, ["Metadata_Well"], operation="median")
     np.testing.assert_allclose(med["GFP_emb_000"], [2.0, 2.0])
     only = aggregate(df, ["Metadata_Dose"], features=["GFP_emb_001"])
     assert "GFP_emb_000" not in only.columns and list(only["GFP_emb_001"]) == [2.0, 6.0]
@@ -59,7 +60,7 @@ def test_normalize_matches_pycytominer_per_plate(method):
 
     df = _plate_frame()
     feats = [c for c in df.columns if "_emb_" in c]
-    ours = normalize(df, method=method, controls=CTRL)
+    ours = normalize(df, method=method, samples=CTRL)
     for plate, sub in df.groupby("Metadata_Plate"):
         ref = pcm_normalize(sub.reset_index(drop=True), features=feats,
                             meta_features=["Metadata_Plate", "Metadata_Well", "Metadata_Control"],
@@ -166,7 +167,7 @@ def test_profiles_round_trip(tmp_path, suffix):
     df = _plate_frame(n_per_plate=4, d=3)
     feats = [c for c in df.columns if "_emb_" in c]
     path = write_profiles(tmp_path / f"p{suffix}", df, feats, {"steps": [{"step": "x"}]})
-    back, names, prov = read_profiles(path)
+    back, names, prov = profile_parts(path)
     assert names == feats and prov["steps"] == [{"step": "x"}]
     np.testing.assert_allclose(back[feats].to_numpy(), df[feats].to_numpy(), rtol=1e-6)
     assert list(back["Metadata_Well"].astype(str)) == list(df["Metadata_Well"])
@@ -189,12 +190,12 @@ def test_profile_cli_sphere_and_treatments(tmp_path, cli):
     code, _, err = cli("profile", src, "-o", out, "--aggregate", "Metadata_Plate,Metadata_Well", "--normalize",
                        "mad_robustize", "--sphere", "--treatment", "Metadata_Dose")
     assert code == 0, err
-    wells, names, prov = read_profiles(out)
+    wells, names, prov = profile_parts(out)
     assert len(wells) == 24 and names == feats and prov["model"] == "m"
     assert [st["step"] for st in prov["profiling"]] == ["aggregate", "normalize", "sphere", "aggregate"]
     assert prov["profiling"][2]["fits"][0]["n_controls"] == 12
     np.testing.assert_allclose(wells[wells["Metadata_Control"] == "negative"][feats].mean(), 0, atol=1e-5)
-    treat, _, _ = read_profiles(tmp_path / "wells.treatments.parquet")
+    treat, _, _ = profile_parts(tmp_path / "wells.treatments.parquet")
     assert sorted(treat["Metadata_Dose"]) == [0, 1, 2, 3]
     code, _, err = cli("profile", src, "-o", tmp_path / "x.parquet", "--sphere", "--controls", "Metadata_Nope == 1")
     assert code == 2 and "Metadata_Nope" in err

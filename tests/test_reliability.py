@@ -83,7 +83,8 @@ def test_resume_refuses_changed_content_of_same_size_and_mtime(inputs, tmp_path,
 def test_resume_of_unchanged_input_is_bit_identical_and_digests_are_journalled(inputs, tmp_path, embedder):
     from microsnoop.embed import distributed as dist
     from microsnoop.embed import embed_source
-    from microsnoop.io import open_source, read_embeddings
+    from conftest import embedding_parts
+    from microsnoop.io import open_source
 
     npy = _array_copy(inputs, tmp_path)
     full = tmp_path / "full.parquet"
@@ -94,8 +95,8 @@ def test_resume_of_unchanged_input_is_bit_identical_and_digests_are_journalled(i
     digests = dist.finished_digests(out.with_name(out.name + ".partial"))
     assert digests == {0: src.content_digest(0, 2), 1: src.content_digest(2, 4)}
     embed_source(open_source(npy), out, chunk_size=2, embedder=embedder, resume=True)
-    m1, x1, p1 = read_embeddings(full)
-    m2, x2, p2 = read_embeddings(out)
+    m1, x1, p1 = embedding_parts(full)
+    m2, x2, p2 = embedding_parts(out)
     assert np.array_equal(x1, x2) and m1.equals(m2)
     assert p1["input_sha256_of_chunks"] == p2["input_sha256_of_chunks"]
 
@@ -123,7 +124,8 @@ def test_resume_of_folder_input_detects_a_replaced_file(inputs, tmp_path, embedd
 @pytest.mark.parametrize("damage", ["empty", "truncated", "wrong shape"])
 def test_damaged_chunk_is_embedded_again_with_a_warning(damage, inputs, tmp_path, embedder):
     from microsnoop.embed import embed_source
-    from microsnoop.io import open_source, read_embeddings
+    from conftest import embedding_parts
+    from microsnoop.io import open_source
 
     npy = _array_copy(inputs, tmp_path)
     full = tmp_path / "full.parquet"
@@ -139,7 +141,7 @@ def test_damaged_chunk_is_embedded_again_with_a_warning(damage, inputs, tmp_path
         np.save(chunk, np.zeros((1, 512), np.float32))
     with pytest.warns(MicrosnoopWarning, match="chunk_000001.npy: damaged chunk file"):
         embed_source(open_source(npy), out, chunk_size=2, embedder=embedder, resume=True)
-    assert np.array_equal(read_embeddings(full)[1], read_embeddings(out)[1])
+    assert np.array_equal(embedding_parts(full)[1], embedding_parts(out)[1])
 
 
 def test_chunk_files_are_fsynced_before_the_rename(tmp_path, monkeypatch):

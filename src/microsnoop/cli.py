@@ -20,6 +20,7 @@ from rich.table import Table
 from typer.core import TyperCommand
 
 from .core.errors import MicrosnoopError
+from .embed import defaults as D
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Embed microscopy images (Microsnoop): single cells, whole fields and plates. "
@@ -200,10 +201,10 @@ def embed(
     channel_index: Optional[str] = typer.Option(None, "--channel-index", help=HELP_CHANNEL_INDEX),
     path_columns: Optional[str] = typer.Option(None, "--path-columns", help=HELP_PATH_COLUMNS),
     metadata: Optional[Path] = typer.Option(None, "--metadata", help="Array input: metadata CSV (default: metadata.csv beside it)."),
-    chunk_size: int = typer.Option(1024, "--chunk-size", help="Images read and kept in memory at a time."),
-    batch_size: Optional[int] = typer.Option(None, "--batch-size", help="One-channel planes per forward pass (default: auto, ~1M pixels: 256 planes of 64x64, 20 of 224x224)."),
-    device: str = typer.Option("auto", "--device", help=HELP_DEVICE),
-    precision: str = typer.Option("auto", "--precision", help="auto (default: bf16 on CPUs with native bf16 and on CUDA, for models validated in bf16 - cosine >= 0.999 to fp32; else fp32) | fp32 | bf16."),
+    chunk_size: int = typer.Option(D.CHUNK_SIZE, "--chunk-size", help="Images read and kept in memory at a time."),
+    batch_size: Optional[int] = typer.Option(D.BATCH_SIZE, "--batch-size", help="One-channel planes per forward pass (default: auto, ~1M pixels: 256 planes of 64x64, 20 of 224x224)."),
+    device: str = typer.Option(D.DEVICE, "--device", help=HELP_DEVICE),
+    precision: str = typer.Option(D.PRECISION, "--precision", help="auto (default: bf16 on CPUs with native bf16 and on CUDA, for models validated in bf16 - cosine >= 0.999 to fp32; else fp32) | fp32 | bf16."),
     threads: Optional[int] = typer.Option(None, "--threads", help="CPU threads per process (default: the CPUs available, divided among torchrun's local ranks)."),
     resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run from its finished chunks."),
     shard: Optional[str] = typer.Option(None, "--shard", help="i/n: embed only every n-th chunk from the i-th (1-based; job arrays), then stop; finish with --merge."),
@@ -212,7 +213,7 @@ def embed(
     tta: Optional[str] = typer.Option(None, "--tta", help="Test-time augmentation: none | rot4 | d8 (average over 4 rotations / 8 rotations+flips: exactly invariant, 4x / 8x slower). Default: the model's head."),
     levels: Optional[str] = typer.Option(None, "--levels", help="U-Net models: encoder levels pooled: all | last | 1-3 | 2+3. Default: the model's head."),
     pool: Optional[str] = typer.Option(None, "--pool", help="U-Net models: mean | max | meanmax pooling of each level. Default: the model's head."),
-    engine: str = typer.Option("auto", "--engine", help=HELP_ENGINE),
+    engine: str = typer.Option(D.ENGINE, "--engine", help=HELP_ENGINE),
 ) -> None:
     """Embed images: every channel separately, vectors concatenated in channel order (the model's dim per channel)."""
     from .pipelines.fieldstore import parse_shard
@@ -363,11 +364,11 @@ def plate(
     treatment: Optional[str] = typer.Option(None, "--treatment", help="Treatment columns (default: inferred: compound/treatment + dose/concentration, else Metadata_RowBlock,Metadata_DoseIndex)."),
     fmt: str = typer.Option("parquet", "--format", help="parquet | h5 | h5ad for the tables."),
     save_cells: bool = typer.Option(False, "--save-cells", help="Also write the per-cell table."),
-    batch_size: int = typer.Option(64, "--batch-size", help="Cell crops (one-channel planes) per forward pass."),
-    device: str = typer.Option("auto", "--device", help=HELP_DEVICE),
-    precision: str = typer.Option("fp32", "--precision", help="fp32 | bf16 | auto."),
+    batch_size: Optional[int] = typer.Option(D.BATCH_SIZE, "--batch-size", help="Cell crops (one-channel planes) per forward pass (default: auto, by pixels)."),
+    device: str = typer.Option(D.DEVICE, "--device", help=HELP_DEVICE),
+    precision: str = typer.Option(D.PRECISION, "--precision", help="auto (bf16 where native and validated for the model, else fp32) | fp32 | bf16."),
     threads: Optional[int] = typer.Option(None, "--threads", help=HELP_THREADS),
-    engine: str = typer.Option("auto", "--engine", help=HELP_ENGINE),
+    engine: str = typer.Option(D.ENGINE, "--engine", help=HELP_ENGINE),
     resume: bool = typer.Option(False, "--resume", help="Continue an interrupted or failed run: reuse its finished fields (and a finished run's fields table)."),
     shard: Optional[str] = typer.Option(None, "--shard", help="i/n: compute only every n-th field from the i-th (1-based; job arrays), then stop; finish with --merge."),
     merge: bool = typer.Option(False, "--merge", help="Assemble the plate from the finished fields of all --shard runs (computes none)."),
@@ -469,9 +470,9 @@ def segment(
     diameter: Optional[float] = typer.Option(None, "--diameter", help="Object diameter in pixels (default: estimated per image)."),
     truth: Optional[Path] = typer.Option(None, "--truth", help="(N, H, W) masks.npy to score against: object F1 at IoU 0.5."),
     segment_precision: str = typer.Option("auto", "--segment-precision", help="Cellpose network: auto | fp32 | bf16."),
-    device: str = typer.Option("auto", "--device", help="Cellpose network: " + HELP_DEVICE),
+    device: str = typer.Option(D.DEVICE, "--device", help="Cellpose network: " + HELP_DEVICE),
     threads: Optional[int] = typer.Option(None, "--threads", help=HELP_THREADS),
-    engine: str = typer.Option("auto", "--engine", help=HELP_ENGINE),
+    engine: str = typer.Option(D.ENGINE, "--engine", help=HELP_ENGINE),
     overwrite: bool = typer.Option(False, "--overwrite", help=HELP_OVERWRITE),
 ) -> None:
     """Segment one channel of every image (Cellpose or classical) and write the label images."""
@@ -511,9 +512,9 @@ def benchmark(
     crop_size: Optional[int] = typer.Option(None, "--crop-size", help="Sets of kind 'fields': Sta, the crop/tile/rescale size (default: the model's input, else 224)."),
     max_cells: Optional[int] = typer.Option(None, "--max-cells", help="Sets of kind 'fields': embed at most this many cells per field (seeded)."),
     threads: Optional[int] = typer.Option(None, "--threads", help=HELP_THREADS),
-    batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Planes per forward pass (default: auto, by pixels)."),
-    device: str = typer.Option("auto", "--device", help=HELP_DEVICE),
-    precision: str = typer.Option("fp32", "--precision", help="fp32 | bf16 | auto."),
+    batch_size: Optional[int] = typer.Option(D.BATCH_SIZE, "--batch-size", help="Planes per forward pass (default: auto, by pixels)."),
+    device: str = typer.Option(D.DEVICE, "--device", help=HELP_DEVICE),
+    precision: str = typer.Option(D.PRECISION, "--precision", help="auto (bf16 where native and validated for the model, else fp32) | fp32 | bf16."),
 ) -> None:
     """Score models on labelled sets (kNN, MLP cross-validation); embeddings cached per data + model sha256."""
     from .evaluate import benchmark_and_report as run

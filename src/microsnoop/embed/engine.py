@@ -24,6 +24,7 @@ from ..io.images import MAX_ABS_PIXEL, MIN_SIDE
 from ..models import ChannelEncoder, create_model
 from ..models.registry import apply_head
 from ..models.heads import TTAModule
+from . import defaults
 from .backends import check_engine, engine_module
 from .fused import FusedUNetEncoder, fast_module
 from ..io.normalize import normalize_percentile
@@ -117,9 +118,10 @@ class Embedder:
     batched. Batch invariance: in fp32 an image's vector matches its vector alone to ~1e-6; in bf16
     to a cosine of ~0.9999 (oneDNN may pick other kernels for other batch sizes)."""
 
-    def __init__(self, model: str | ChannelEncoder | None = None, device: str | torch.device = "auto",
-                 precision: str = "fp32", batch_size: int | None = None, threads: int | None = None,
-                 tta: str | None = None, levels: Any = None, pool: str | None = None, engine: str | None = "auto"):
+    def __init__(self, model: str | ChannelEncoder | None = None, device: str | torch.device = defaults.DEVICE,
+                 precision: str = defaults.PRECISION, batch_size: int | None = defaults.BATCH_SIZE,
+                 threads: int | None = None, tta: str | None = None, levels: Any = None, pool: str | None = None,
+                 engine: str | None = defaults.ENGINE):
         self.engine_choice = check_engine(engine)  # options first: an unknown/uninstalled engine fails before loading
         self.device = resolve_device(device)
         if self.device.type == "cpu":
@@ -274,18 +276,3 @@ class Prepared:
 
     def __init__(self, n: int, c: int, groups: list[tuple[np.ndarray, np.ndarray]]):
         self.n, self.c, self.groups = n, c, groups
-
-
-def embed_images(images: np.ndarray | Sequence[np.ndarray], model: str | ChannelEncoder | None = None, *,
-                 batch_size: int | None = None, device: str = "auto", precision: str = "fp32",
-                 tta: str | None = None, engine: str | None = "auto") -> np.ndarray:
-    """Embed images in memory: (N, C, H, W) or a list of (C, H, W) -> (N, C * dim) float32.
-
-    >>> import microsnoop, numpy as np
-    >>> microsnoop.embed(np.random.rand(2, 3, 64, 64), model="random-init").shape
-    (2, 768)
-    """
-    if isinstance(images, np.ndarray) and images.ndim == 3:
-        images = images[None]
-    return Embedder(model, device=device, precision=precision, batch_size=batch_size, tta=tta,
-                    engine=engine).embed(images)

@@ -26,7 +26,7 @@ from ..core.errors import MicrosnoopError, MicrosnoopWarning
 from ..io.atomic import atomic_path, check_output_path, save_npy_atomic
 from ..io.readers import ImageSource
 from ..io.writers import format_for, write_embeddings
-from . import distributed as dist
+from . import defaults, distributed as dist
 from .engine import PADDING, Embedder
 from ..io.normalize import NORMALIZATION
 
@@ -93,17 +93,34 @@ def chunk_ranges(n: int, chunk_size: int) -> list[tuple[int, int]]:
 
 
 def embed_source(source: ImageSource, output: str | Path, *, model: str | None = None, fmt: str | None = None,
-                 chunk_size: int = 1024, batch_size: int | None = None, device: str = "auto", precision: str = "fp32",
+                 chunk_size: int = defaults.CHUNK_SIZE, batch_size: int | None = defaults.BATCH_SIZE,
+                 device: str = defaults.DEVICE, precision: str = defaults.PRECISION,
                  resume: bool = False, overwrite: bool = False, command: str | None = None,
                  progress: Callable[[int], None] | None = None, embedder: Embedder | None = None,
                  shard: tuple[int, int] | None = None, merge: bool = False) -> Path:
-    """Embed every image of ``source`` into ``output`` (.parquet/.h5/.h5ad); returns the output path.
+    """Embed every image of ``source`` into ``output``; under torchrun every rank embeds its share of the
+    chunks and rank 0 merges them (``distributed``).
 
-    Under torchrun (WORLD_SIZE > 1) every rank embeds its share of the chunks and rank 0 merges
-    them (see ``distributed``); other ranks return once their shards are on disk. Without torchrun,
-    ``shard`` = (i, n) (zero-based; job arrays) embeds the chunks ``k % n == i`` into the shared partial
-    folder and stops; ``merge`` then writes the output from every shard's chunks (embedding none), the
-    same file a single process writes."""
+    Parameters
+    ----------
+    source : ImageSource
+        From :func:`microsnoop.open_source` (.npy/.npz, folder, manifest, OME-Zarr plate, image).
+    output : str or Path
+        .parquet, .h5 or .h5ad (or ``fmt``); read it back with :func:`microsnoop.read_embeddings`.
+    model, batch_size, device, precision
+        As in :func:`microsnoop.embed`, with the same defaults (``microsnoop.embed.defaults``) as the CLI;
+        a given ``embedder`` (an ``Embedder``) replaces them.
+    chunk_size, resume, overwrite, command, progress
+        Images per chunk (the resume unit); continue from finished chunks; replace an output; the command
+        line for the provenance; a callback given the images finished.
+    shard, merge
+        ``(i, n)``: embed only chunks ``k % n == i`` and stop; ``merge``: write the output from all shards.
+
+    Returns
+    -------
+    Path
+        The output file.
+    """
     output = Path(output)
     fmt = format_for(output, fmt)
     if chunk_size < 1:

@@ -120,17 +120,15 @@ def channel_attribution(X: np.ndarray, meta: pd.DataFrame, label: str, blocks: S
 def attribution_from_file(path: str, label: str, classifier: str = "knn", protocol: dict[str, Any] | None = None,
                           repeats: int = 3, seed: int = 0) -> pd.DataFrame:
     """Channel attribution of an ``embed`` output (.parquet / .h5 / .h5ad) with its channel-named features."""
-    from ..io.writers import read_embeddings
+    from ..profiling.table import feature_columns, read_embeddings
 
-    meta, X, prov = read_embeddings(path)
+    df = read_embeddings(path)
+    names = feature_columns(df)
+    prov = df.attrs["microsnoop"]
+    meta, X = df.drop(columns=names), df[names].to_numpy(dtype=np.float32)
     if label not in meta.columns:
         raise MicrosnoopError(f"label column '{label}' not in the file (metadata columns: "
                               f"{', '.join(map(str, meta.columns))})", path)
-    names = prov.get("feature_names")
-    if not names and str(path).endswith(".parquet"):
-        import pyarrow.parquet as pq
-
-        names = [c for c in pq.read_schema(path).names if "_emb_" in c]
     blocks = channel_blocks(names, X.shape[1], prov.get("channel_names") or prov.get("channels"))
     return channel_attribution(X, meta, label, blocks, classifier=classifier, protocol=protocol, repeats=repeats, seed=seed)
 

@@ -21,6 +21,7 @@ import numpy as np
 import pandas as pd
 
 from ..core.errors import MicrosnoopError
+from ..embed import defaults
 from ..io.atomic import atomic_path, save_npy_atomic
 from .protocols import ProtocolResult, protocol_key, run_protocol
 
@@ -240,7 +241,8 @@ def build_embedder(model: str, device: str, precision: str, batch_size: int | No
 
 
 def run_benchmark(dataset_dirs: Sequence[str | Path], models: Sequence[str], report_dir: str | Path, *,
-                  device: str = "auto", precision: str = "fp32", batch_size: int | None = None,
+                  device: str = defaults.DEVICE, precision: str = defaults.PRECISION,
+                  batch_size: int | None = defaults.BATCH_SIZE,
                   skip_missing_models: bool = False, fields_mode: str | None = None,
                   fields_options: dict[str, Any] | None = None, threads: int | None = None,
                   progress_factory: ProgressFactory | None = None,

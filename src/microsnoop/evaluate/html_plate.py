@@ -46,7 +46,7 @@ def table_file(run_dir: Path, settings: dict[str, Any], name: str) -> Path | Non
 
 def load_plate(run_dir: Path, rep: dict[str, Any]) -> PlateData:
     """Read the wells (and, when present, fields and the cell sample) of a plate run folder."""
-    from ..profiling.table import read_profiles
+    from ..profiling.table import feature_columns, read_embeddings
 
     s = dict(rep.get("provenance", {}).get("plate_settings", {}))
     plan = rep.get("provenance", {}).get("plan") or {}
@@ -56,7 +56,8 @@ def load_plate(run_dir: Path, rep: dict[str, Any]) -> PlateData:
     wells_path = table_file(run_dir, s, "wells")
     if wells_path is None:
         raise MicrosnoopError("plate run folder has no wells table", run_dir)
-    wells, feats, _ = read_profiles(wells_path)
+    wells = read_embeddings(wells_path)
+    feats = feature_columns(wells)
     wells = plain(wells)
     well_cols = [c for c in s.get("well", ["Metadata_Plate", "Metadata_Well"]) if c in wells.columns]
     if not well_cols:
@@ -66,10 +67,11 @@ def load_plate(run_dir: Path, rep: dict[str, Any]) -> PlateData:
     keys = well_keys(wells, well_cols)
     labels = treatment_labels(wells, s, rep)
     fpath = table_file(run_dir, s, "fields")
-    fields = plain(read_profiles(fpath)[0]) if fpath is not None else None
+    fields = plain(read_embeddings(fpath)) if fpath is not None else None
     cells, cell_feats = None, []
     if (run_dir / CELL_SAMPLE_NAME).exists():
-        cells, cell_feats, _ = read_profiles(run_dir / CELL_SAMPLE_NAME)
+        cells = read_embeddings(run_dir / CELL_SAMPLE_NAME)
+        cell_feats = feature_columns(cells)
         cells = plain(cells)
         cells["_key"] = well_keys(cells, well_cols)
         lab = dict(zip(keys, labels))

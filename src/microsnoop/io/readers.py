@@ -347,7 +347,30 @@ def open_source(path: str | Path, *, channels: Sequence[str] | None = None, chan
                 path_columns: Sequence[str] | None = None, channel_index: Sequence[int] | None = None,
                 metadata: str | Path | None = None, pattern: str = "*") -> ImageSource:
     """Open any supported input: ``.npy``/``.npz`` array, ``.csv`` manifest, an OME-Zarr HCS plate, a folder
-    of images, or one image file (OME-TIFF channel names are used when present)."""
+    of images, or one image file (OME-TIFF channel names are used when present).
+
+    Parameters
+    ----------
+    path : str or Path
+        The input, as for ``microsnoop embed``.
+    channels : sequence of str, optional
+        Folder input: channel tokens in file names; manifest: names of the ``FileName_<name>`` columns to use.
+    channel_names : sequence of str, optional
+        Names for the channels, in order.
+    path_columns : sequence of str, optional
+        Manifest: path columns, one per channel.
+    channel_index : sequence of int, optional
+        Keep these planes of multi-channel files.
+    metadata : str or Path, optional
+        Array input: metadata CSV (default: ``metadata.csv`` beside it).
+    pattern : str
+        Folder input: glob of the files to read.
+
+    Returns
+    -------
+    ImageSource
+        Lazily reads images by index; ``len()``, ``channel_names`` and ``metadata`` (one row per image).
+    """
     from .omezarr import OmeZarrPlateSource, is_ome_zarr_plate
 
     path = Path(path)

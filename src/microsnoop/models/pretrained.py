@@ -64,7 +64,7 @@ def _builder(entry: Shipped):
         path = WEIGHTS_DIR / f"{entry.name}.safetensors"
         if not path.exists():
             raise MicrosnoopError(f"weights of '{entry.name}' are missing from the installed package", path)
-        return build_from_checkpoint(path, entry.sha256, entry.name)
+        return build_from_checkpoint(path, entry.sha256, entry.name, pretrained=pretrained)
     return build
 
 

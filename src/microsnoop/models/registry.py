@@ -82,6 +82,17 @@ def register_model(spec: ModelSpec) -> ModelSpec:
 
 
 def list_models() -> list[ModelSpec]:
+    """The registered models, in registration order.
+
+    Parameters
+    ----------
+    None
+
+    Returns
+    -------
+    list of ModelSpec
+        Name, description, licence, training data, input size, default head and weights sha256 of each.
+    """
     return list(_REGISTRY.values())
 
 
@@ -107,20 +118,30 @@ def register_architecture(arch: str, builder: Callable[[dict[str, Any]], Channel
     _ARCH_BUILDERS[arch] = builder
 
 
-def build_from_checkpoint(path: str | Path, expected_sha256: str | None = None, name: str | None = None) -> ChannelEncoder:
-    from .checkpoints import load_checkpoint
+def build_from_checkpoint(path: str | Path, expected_sha256: str | None = None, name: str | None = None,
+                          pretrained: bool = True) -> ChannelEncoder:
+    """The checkpoint's architecture with its weights, or (``pretrained=False``) with PyTorch's default
+    initialisation: only the header's config is read then."""
+    from .checkpoints import load_checkpoint, read_checkpoint_header
 
+    if not pretrained:
+        header = read_checkpoint_header(path)
+        return _ARCH_BUILDERS[_arch(header["config"], path)](header["config"])
     state, header, digest = load_checkpoint(path, expected_sha256)
     config = header["config"]
-    arch = config.get("arch")
-    if arch not in _ARCH_BUILDERS:
-        raise MicrosnoopError(f"checkpoint architecture '{arch}' is not known; known: {', '.join(_ARCH_BUILDERS)}", path)
-    enc = _ARCH_BUILDERS[arch](config)
+    enc = _ARCH_BUILDERS[_arch(config, path)](config)
     enc.load_weights(state, path)
     enc.name = name or str(path)
     enc.sha256 = digest
     enc.header = header
     return enc
+
+
+def _arch(config: dict[str, Any], path: str | Path) -> str:
+    arch = config.get("arch")
+    if arch not in _ARCH_BUILDERS:
+        raise MicrosnoopError(f"checkpoint architecture '{arch}' is not known; known: {', '.join(_ARCH_BUILDERS)}", path)
+    return arch
 
 
 def create_model(name: str | Path | None = None, pretrained: bool = True, device: str | torch.device = "cpu",
@@ -133,7 +154,10 @@ def create_model(name: str | Path | None = None, pretrained: bool = True, device
         A registered name, a checkpoint path, or either followed by head options after a colon
         (``"cellpose-encoder:levels=all,tta=d8"``). Default: the default model.
     pretrained : bool
-        Load the trained weights (registered models).
+        True: the trained weights. False: the same architecture with PyTorch's default initialisation,
+        seeded (``UNTRAINED_SEED``) so it is the same on every machine; ``config["pretrained"]`` is then
+        False and ``sha256`` is that of the random weights. Models without learned weights
+        (``handcrafted``) refuse False.
     device : str or torch.device
     **head
         ``levels``, ``pool``, ``tta``: override the model's embedding head (see ``models/heads.py``).
@@ -141,6 +165,7 @@ def create_model(name: str | Path | None = None, pretrained: bool = True, device
     Returns
     -------
     ChannelEncoder
+        The encoder: (B, 1, H, W) normalised planes -> (B, dim) features.
     """
     from .heads import split_head_options
 
@@ -167,6 +192,8 @@ def apply_head(enc: ChannelEncoder, **head: Any) -> ChannelEncoder:
 
 
 def _build_named(name: str, pretrained: bool) -> ChannelEncoder:
+    if not pretrained:
+        return _build_untrained(name)
     if name in _REGISTRY:
         spec = _REGISTRY[name]
         try:
@@ -189,4 +216,31 @@ def _build_named(name: str, pretrained: bool) -> ChannelEncoder:
     else:
         get_spec(name)  # raises the 'unknown model' error
         raise AssertionError
+    return enc
+
+
+UNTRAINED_SEED = 0
+
+
+def _build_untrained(name: str) -> ChannelEncoder:
+    """``create_model(name, pretrained=False)``: the architecture with seeded default initialisation."""
+    from .checkpoints import sha256_state_dict
+
+    spec = _REGISTRY.get(name)
+    if spec is not None and str(spec.extra.get("weights", "")).startswith("none"):
+        raise MicrosnoopError(f"model '{name}' has no learned weights, so pretrained=False does not apply")
+    if spec is None and not Path(name).exists():
+        get_spec(name)  # raises the 'unknown model' error
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(UNTRAINED_SEED)
+        try:
+            enc = spec.build(False) if spec is not None else build_from_checkpoint(name, pretrained=False)
+        except ImportError as exc:
+            hint = f"; install it with: {spec.requires}" if spec is not None and spec.requires else ""
+            raise MicrosnoopError(f"model '{name}' needs a missing package ({exc.name or exc}){hint}") from None
+    enc.name = name
+    enc.spec = spec
+    enc.config = {**getattr(enc, "config", {}), "pretrained": False, "seed": UNTRAINED_SEED}
+    enc.sha256 = sha256_state_dict(enc.state_dict())
+    warnings.warn(f"model '{name}' was built untrained (pretrained=False, random weights)", UserWarning, stacklevel=3)
     return enc

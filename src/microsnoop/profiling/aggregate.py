@@ -13,25 +13,45 @@ import numpy as np
 import pandas as pd
 
 from ..core.errors import MicrosnoopError
-from .table import feature_columns, metadata_columns
+from .table import feature_columns, is_feature_column, metadata_columns, renamed_arguments
 
 METHODS = ("mean", "median")
 COUNT = "Metadata_Count"
 
 
-def aggregate(df: pd.DataFrame, by: Sequence[str], features: Sequence[str] | None = None, method: str = "mean",
-              count_column: str | None = COUNT) -> pd.DataFrame:
-    """One row per distinct value of ``by``: the mean/median of each feature, constant metadata kept.
+@renamed_arguments(by="strata", method="operation")
+def aggregate(profiles: pd.DataFrame, strata: Sequence[str], features: Sequence[str] | None = None,
+              operation: str = "mean", count_column: str | None = COUNT) -> pd.DataFrame:
+    """One row per distinct value of ``strata``: the mean/median of each feature, constant metadata kept.
 
     Groups come out in order of first appearance, so aggregating an ordered plate keeps its order.
+    Arguments are named as in ``pycytominer.aggregate`` (``by=`` and ``method=`` still work, deprecated).
+
+    Parameters
+    ----------
+    profiles : pandas.DataFrame
+        Metadata columns and feature columns (e.g. :func:`microsnoop.read_embeddings`).
+    strata : sequence of str
+        Metadata columns to group by, e.g. ``["Metadata_Plate", "Metadata_Well"]``.
+    features : sequence of str, optional
+        Feature columns. Default: every ``<channel>_emb_<k>`` column (pycytominer's ``"infer"``).
+    operation : str
+        ``mean`` or ``median``.
+    count_column : str, optional
+        Name of the column counting the rows behind each output row (None: no count).
+
+    Returns
+    -------
+    pandas.DataFrame
+        One row per group: the group's constant metadata, the count, then the aggregated float32 features.
     """
-    by = list(by)
+    df, by, method = profiles, list(strata), operation
     if not by:
         raise MicrosnoopError("--aggregate needs at least one metadata column")
     missing = [c for c in by if c not in df.columns]
     if missing:
         raise MicrosnoopError(f"cannot aggregate by missing column(s) {', '.join(missing)}; metadata columns are "
-                              f"{', '.join(c for c in df.columns if '_emb_' not in c)}")
+                              f"{', '.join(c for c in df.columns if not is_feature_column(c))}")
     if method not in METHODS:
         raise MicrosnoopError(f"unknown aggregation '{method}' (choose {' or '.join(METHODS)})")
     feats = feature_columns(df, features)

@@ -19,7 +19,7 @@ import numpy as np
 import pandas as pd
 
 from ..core.errors import MicrosnoopError
-from .table import feature_columns, select_rows
+from .table import feature_columns, renamed_arguments, select_rows
 
 METHODS = ("standardize", "mad_robustize")
 MAD_SCALE = 1.4826
@@ -52,14 +52,37 @@ def groups_of(df: pd.DataFrame, by: Sequence[str] | None) -> list[np.ndarray]:
     return [np.flatnonzero(codes == g) for g in range(codes.max() + 1)]
 
 
-def normalize(df: pd.DataFrame, method: str = "standardize", controls: str | None = None,
+@renamed_arguments(controls="samples")
+def normalize(profiles: pd.DataFrame, method: str = "standardize", samples: str | None = "all",
               by: Sequence[str] | None = ("Metadata_Plate",), features: Sequence[str] | None = None,
               epsilon: float = 1e-18) -> pd.DataFrame:
-    """Normalise ``features`` of every row by statistics of the ``controls`` rows of its batch.
+    """Normalise the features of every row by statistics of the ``samples`` rows of its batch.
 
-    ``controls`` is a pandas query (``'Metadata_Control == "negative"'``); None uses all rows.
-    ``by`` names the batch columns (default per plate; a missing ``Metadata_Plate`` means one batch).
+    Arguments are named as in ``pycytominer.normalize`` (``controls=`` still works, deprecated); on one
+    plate both give the same numbers.
+
+    Parameters
+    ----------
+    profiles : pandas.DataFrame
+        Metadata columns and feature columns.
+    method : str
+        ``standardize`` ((x - mean) / std, ddof=0) or ``mad_robustize`` ((x - median) / (1.4826 MAD + epsilon)).
+    samples : str, optional
+        Query selecting the rows the statistics come from, e.g. ``'Metadata_Control == "negative"'``
+        (column comparisons, ``in``, and/or/not); ``"all"`` or None: every row.
+    by : sequence of str, optional
+        Batch columns normalised separately (default per plate; without ``Metadata_Plate``: one batch).
+    features : sequence of str, optional
+        Feature columns. Default: every ``<channel>_emb_<k>`` column.
+    epsilon : float
+        Added to the MAD (``mad_robustize``).
+
+    Returns
+    -------
+    pandas.DataFrame
+        A copy with the features normalised (float32); metadata unchanged.
     """
+    df, controls = profiles, None if samples == "all" else samples
     feats = feature_columns(df, features)
     if by is not None and tuple(by) == ("Metadata_Plate",) and "Metadata_Plate" not in df.columns:
         by = None

@@ -15,7 +15,8 @@ from ..core.errors import MicrosnoopError
 from .aggregate import aggregate, aggregate_step
 from .normalize import normalize, normalize_step
 from .sphere import sphere, sphere_step
-from .table import check_finite_features, feature_columns, read_profiles, select_rows, write_profiles
+from .table import (check_finite_features, feature_columns, is_feature_column, read_embeddings, select_rows,
+                    write_profiles)
 
 
 @dataclass
@@ -43,7 +44,7 @@ def _present(df: pd.DataFrame, by: Sequence[str] | None) -> list[str] | None:
     missing = [c for c in by if c not in df.columns and c != "Metadata_Plate"]
     if missing:
         raise MicrosnoopError(f"batch column(s) {', '.join(missing)} not in the profiles (--sphere-by / normalize by); "
-                              f"metadata columns are {', '.join(c for c in df.columns if '_emb_' not in c)}")
+                              f"metadata columns are {', '.join(c for c in df.columns if not is_feature_column(c))}")
     kept = [c for c in by if c in df.columns]
     return kept or None
 
@@ -59,7 +60,7 @@ def profile_frame(df: pd.DataFrame, s: ProfileSettings) -> tuple[pd.DataFrame, p
     steps: list[dict[str, Any]] = []
     if s.aggregate:
         n = len(df)
-        df = aggregate(df, s.aggregate, feats, s.aggregate_method)
+        df = aggregate(df, s.aggregate, feats, operation=s.aggregate_method)
         steps.append(aggregate_step(s.aggregate, s.aggregate_method, n, len(df)))
     if (s.normalize or s.sphere) and s.controls is None:
         raise MicrosnoopError("normalising or sphering needs --controls (a query selecting negative controls)")
@@ -68,15 +69,15 @@ def profile_frame(df: pd.DataFrame, s: ProfileSettings) -> tuple[pd.DataFrame, p
         raise MicrosnoopError(f"no profiles match the controls {s.controls!r}")
     if s.normalize:
         by = _present(df, s.normalize_by)
-        df = normalize(df, s.normalize, s.controls, by, feats)
+        df = normalize(df, s.normalize, samples=s.controls, by=by, features=feats)
         steps.append(normalize_step(s.normalize, s.controls, by, n_ctrl))
     if s.sphere:
         by = _present(df, s.sphere_by)
-        df, fits = sphere(df, s.controls, by, feats, s.sphere_epsilon)
+        df, fits = sphere(df, samples=s.controls, by=by, features=feats, epsilon=s.sphere_epsilon)
         steps.append(sphere_step(s.controls, by, s.sphere_epsilon, fits))
     treat = None
     if s.treatment:
-        treat = aggregate(df, s.treatment, feats, s.aggregate_method)
+        treat = aggregate(df, s.treatment, feats, operation=s.aggregate_method)
         steps.append(aggregate_step(s.treatment, s.aggregate_method, len(df), len(treat)))
     return df, treat, steps
 
@@ -103,7 +104,8 @@ def run_profile(input: str | Path, output: str | Path, settings: ProfileSettings
     if Path(input).resolve() == output.resolve() or (settings.treatment and
                                                      Path(input).resolve() == treatment_path(output).resolve()):
         raise MicrosnoopError("output would overwrite the input; choose another --output", output)
-    df, feats, prov = read_profiles(input)
+    df = read_embeddings(input)
+    feats, prov = feature_columns(df), df.attrs["microsnoop"]
     if settings.features is None:
         settings.features = feats
     wells, treat, steps = profile_frame(df, settings)

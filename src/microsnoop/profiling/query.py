@@ -24,6 +24,7 @@ import numpy as np
 import pandas as pd
 
 from ..core.errors import MicrosnoopError
+from ..io.writers import is_feature_column
 
 _CMP = {ast.Eq: "__eq__", ast.NotEq: "__ne__", ast.Lt: "__lt__", ast.LtE: "__le__", ast.Gt: "__gt__",
         ast.GtE: "__ge__"}
@@ -57,7 +58,7 @@ class _Query:
     def column(self, node: ast.Name, df: pd.DataFrame) -> pd.Series:
         name = self.names.get(node.id, node.id)
         if name not in df.columns:
-            meta = [c for c in df.columns if "_emb_" not in str(c)]
+            meta = [c for c in df.columns if not is_feature_column(c)]
             raise MicrosnoopError(f"{self.option} {self.text!r}: no column '{name}'; columns are {', '.join(map(str, meta))}")
         return df[name]
 

@@ -27,7 +27,7 @@ import pandas as pd
 
 from ..core.errors import MicrosnoopError
 from .normalize import groups_of
-from .table import feature_columns, select_rows
+from .table import feature_columns, renamed_arguments, select_rows
 
 
 @dataclass
@@ -101,13 +101,35 @@ def fit_sphering(x_ctrl: np.ndarray, epsilon: float | str = "knee") -> Sphering:
     return Sphering(mean=mean, std=std, W=w, eigenvalues=lam, epsilon=eps, knee_index=knee, n_controls=n)
 
 
-def sphere(df: pd.DataFrame, controls: str | None, by: Sequence[str] | None = None,
+@renamed_arguments(controls="samples")
+def sphere(profiles: pd.DataFrame, samples: str | None = "all", by: Sequence[str] | None = None,
            features: Sequence[str] | None = None, epsilon: float | str = "knee") -> tuple[pd.DataFrame, list[dict]]:
-    """Sphere every profile with a transform fitted on the ``controls`` rows of its batch.
+    """Sphere (ZCA-cor whitening) every profile with a transform fitted on the ``samples`` rows of its batch.
 
-    ``by``: batch columns (e.g. ``["Metadata_Plate"]``) for per-batch fitting; None fits once globally.
-    Returns the sphered frame and one provenance record per batch (epsilon, knee, number of controls).
+    pycytominer does this as ``normalize(method="spherize", samples=...)``; the argument is named the same
+    (``controls=`` still works, deprecated).
+
+    Parameters
+    ----------
+    profiles : pandas.DataFrame
+        Metadata columns and feature columns.
+    samples : str, optional
+        Query selecting the rows the transform is fitted on (the negative controls), e.g.
+        ``'Metadata_Control == "negative"'``; ``"all"`` or None: every row.
+    by : sequence of str, optional
+        Batch columns (e.g. ``["Metadata_Plate"]``) fitted separately; None fits once on all rows.
+    features : sequence of str, optional
+        Feature columns. Default: every ``<channel>_emb_<k>`` column.
+    epsilon : float or str
+        Regulariser added to the eigenvalues; ``"knee"`` takes the eigenvalue at the spectrum's knee.
+
+    Returns
+    -------
+    (pandas.DataFrame, list of dict)
+        The sphered copy (float32 features) and one record per batch (epsilon, knee index, number of
+        fitted rows, rank).
     """
+    df, controls = profiles, None if samples == "all" else samples
     feats = feature_columns(df, features)
     ctrl = select_rows(df, controls)
     x = df[feats].to_numpy(dtype=np.float64)

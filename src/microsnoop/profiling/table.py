@@ -5,20 +5,36 @@ and interoperate with pycytominer; these helpers read and write it in the packag
 """
 from __future__ import annotations
 
+import functools
 import json
+import warnings
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence, TypeVar
 
 import numpy as np
 import pandas as pd
 
 from ..core.errors import MicrosnoopError
-
-EMB_TOKEN = "_emb_"
+from ..io.writers import EMB_TOKEN, is_feature_column, read_embeddings  # noqa: F401  (one reader for every table)
 
 
 def feature_columns(df: pd.DataFrame, features: Sequence[str] | None = None) -> list[str]:
-    """The feature columns: ``features`` if given (checked), else every ``*_emb_*`` column."""
+    """The feature columns of a profiles table (pycytominer's ``features="infer"``).
+
+    Parameters
+    ----------
+    df : pandas.DataFrame
+        Metadata columns (``Metadata_*``) and feature columns (``<channel>_emb_<k>``), as returned by
+        :func:`microsnoop.read_embeddings` or ``microsnoop.embed(..., output="frame")``.
+    features : sequence of str, optional
+        The feature columns to use (checked to exist). Default: every ``<channel>_emb_<k>`` column that is
+        not a ``Metadata_*`` column.
+
+    Returns
+    -------
+    list of str
+        The feature column names, in table order.
+    """
     if features is not None:
         if len(features) == 0:
             raise MicrosnoopError("no feature columns (named <channel>_emb_<j>) in the profiles")
@@ -27,10 +43,31 @@ def feature_columns(df: pd.DataFrame, features: Sequence[str] | None = None) -> 
             raise MicrosnoopError(f"feature column(s) not found: {', '.join(missing[:5])}"
                                   f"{' ...' if len(missing) > 5 else ''}")
         return list(features)
-    cols = [c for c in df.columns if EMB_TOKEN in c]
+    cols = [c for c in df.columns if is_feature_column(c)]
     if not cols:
         raise MicrosnoopError("no feature columns (named <channel>_emb_<j>) in the profiles; pass the feature list")
     return cols
+
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def renamed_arguments(**renamed: str) -> Callable[[F], F]:
+    """Accept the arguments' old names (``by=`` for ``strata=``) with a DeprecationWarning: the profiling
+    functions took pycytominer's names (strata, samples, operation) where they mean the same thing."""
+    def wrap(fn: F) -> F:
+        @functools.wraps(fn)
+        def inner(*args: Any, **kwargs: Any) -> Any:
+            for old, new in renamed.items():
+                if old in kwargs:
+                    if new in kwargs:
+                        raise TypeError(f"{fn.__name__}() got both {old}= and {new}=; use {new}=")
+                    warnings.warn(f"{fn.__name__}({old}=...) is deprecated; use {new}=", DeprecationWarning,
+                                  stacklevel=2)
+                    kwargs[new] = kwargs.pop(old)
+            return fn(*args, **kwargs)
+        return inner  # type: ignore[return-value]
+    return wrap
 
 
 def metadata_columns(df: pd.DataFrame, features: Sequence[str]) -> list[str]:
@@ -65,58 +102,6 @@ def check_finite_features(df: pd.DataFrame, features: Sequence[str], source: obj
         r, c = int(rows[0]), int(np.flatnonzero(bad[rows[0]])[0])
         raise MicrosnoopError(f"{len(rows)} profile row(s) have NaN or inf features (first: row {r}, column "
                               f"{features[c]}); drop or re-embed them before profiling", source)
-
-
-def _numeric_features(meta: pd.DataFrame, x: Any, names: list[str], path: Path) -> np.ndarray:
-    try:
-        return np.asarray(x, dtype=np.float32)
-    except (TypeError, ValueError):
-        raise MicrosnoopError("feature columns are not numbers (text in a *_emb_* column?)", path) from None
-
-
-def read_profiles(path: str | Path) -> tuple[pd.DataFrame, list[str], dict[str, Any]]:
-    """Read an embeddings/profiles file (.parquet/.h5/.h5ad) as (frame, feature names, provenance)."""
-    from ..io.writers import format_for, read_embeddings
-
-    path = Path(path)
-    if not path.exists():
-        raise MicrosnoopError("file not found", path)
-    if not path.is_file():
-        raise MicrosnoopError("is a folder, not a profiles file", path)
-    fmt = format_for(path)
-    try:
-        meta, x, prov = read_embeddings(path)
-        if fmt == "parquet":
-            import pyarrow.parquet as pq
-
-            names = [c for c in pq.read_schema(path).names if EMB_TOKEN in c]
-        elif fmt == "h5":
-            import h5py
-
-            with h5py.File(path, "r") as fh:
-                names = [n.decode() if isinstance(n, bytes) else str(n) for n in fh["feature_names"][:]]
-        else:
-            import anndata as ad
-
-            names = list(ad.read_h5ad(path, backed="r").var_names)
-    except MicrosnoopError:
-        raise
-    except Exception as exc:  # truncated/empty files, missing datasets, wrong layouts: name the file
-        msg = str(exc).splitlines()[0] if str(exc) else ""
-        raise MicrosnoopError(f"cannot read profiles ({type(exc).__name__}: {msg[:200]})", path) from None
-    if not isinstance(prov, dict):
-        raise MicrosnoopError("provenance is not a JSON object", path)
-    x = _numeric_features(meta, x, names, path)
-    if x.ndim != 2 or len(names) != x.shape[1] or len(meta) != x.shape[0]:
-        raise MicrosnoopError(f"{len(names)} feature names and {len(meta)} metadata rows for features of shape "
-                              f"{x.shape}", path)
-    if not names:
-        raise MicrosnoopError("no feature columns (named <channel>_emb_<j>) in the file", path)
-    if len(set(names)) != len(names):
-        raise MicrosnoopError("feature column names repeat", path)
-    frame = to_frame(meta.reset_index(drop=True), x, names)
-    check_finite_features(frame, names, path)
-    return frame, names, prov
 
 
 def write_profiles(path: str | Path, df: pd.DataFrame, features: Sequence[str], provenance: dict[str, Any],

@@ -38,6 +38,7 @@ import numpy as np
 import pandas as pd
 
 from ..core.errors import MicrosnoopError
+from ..embed import defaults
 from ..io.atomic import atomic_path
 from ..profiling.aggregate import aggregate, aggregate_step
 from ..profiling.table import select_rows, write_profiles
@@ -69,9 +70,9 @@ class PlateSettings:
     crop_size: int | None = None                      # Sta; None: the crop module's default
     max_cells: int | None = None                      # per field, seeded random subset (None: all)
     model: str | None = None
-    batch_size: int = 64
-    device: str = "auto"
-    precision: str = "fp32"
+    batch_size: int | None = defaults.BATCH_SIZE     # the embedding defaults of embed/defaults.py
+    device: str = defaults.DEVICE
+    precision: str = defaults.PRECISION
     metadata: str | None = None                       # plate map CSV joined on the wells (OME-Zarr plates)
     well: Sequence[str] = ("Metadata_Plate", "Metadata_Well")
     controls: str | None = None                       # None: inferred (a column saying negative/DMSO/mock)
@@ -127,12 +128,12 @@ def profile_wells(fields: pd.DataFrame, feats: list[str], s: PlateSettings, plan
     wells = wells_raw
     if plan.normalize:
         by = [c for c in ("Metadata_Plate",) if c in wells.columns] or None
-        wells = normalize(wells, plan.normalize, plan.controls, by, feats)
+        wells = normalize(wells, plan.normalize, samples=plan.controls, by=by, features=feats)
         steps.append(normalize_step(plan.normalize, plan.controls, by, int(select_rows(wells, plan.controls).sum())))
     if plan.sphere:
         by = [c for c in (s.sphere_by or []) if c in wells.columns] or None
         try:
-            wells, fits = sphere(wells, plan.controls, by, feats, "knee")
+            wells, fits = sphere(wells, samples=plan.controls, by=by, features=feats, epsilon="knee")
             steps.append(sphere_step(plan.controls, by, "knee", fits))
         except MicrosnoopError as exc:
             warns.append(f"sphering skipped ({exc}); wells are profiled unsphered")
@@ -355,12 +356,13 @@ def _profile_stage(fields: pd.DataFrame, feats: list[str], s: PlateSettings, pla
 def _reusable_fields(output: Path, s: PlateSettings, state: dict[str, Any]
                      ) -> tuple[pd.DataFrame | None, pd.DataFrame, list[str], dict[str, Any]] | None:
     """A finished run's fields (and cells) when they were made with the same state: --resume reuses them."""
-    from ..profiling.table import read_profiles
+    from ..profiling.table import feature_columns, read_embeddings
 
     fpath = _stage_file(output, "fields", s.fmt)
     if not fpath.exists():
         return None
-    fields, feats, prov = read_profiles(fpath)
+    fields = read_embeddings(fpath)
+    feats, prov = feature_columns(fields), fields.attrs["microsnoop"]
     if _jsonable(prov.get("fields_state")) != _jsonable(state):
         return None
     cells = None
@@ -368,7 +370,7 @@ def _reusable_fields(output: Path, s: PlateSettings, state: dict[str, Any]
         cpath = _stage_file(output, "cells", s.fmt)
         if not cpath.exists():
             return None
-        cells = read_profiles(cpath)[0]
+        cells = read_embeddings(cpath)
     prov = {k: v for k, v in prov.items() if k not in ("level", "profiling", "plate_settings", "plan", "command")}
     return cells, fields, feats, prov
 
