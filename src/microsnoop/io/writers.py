@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 import re
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Mapping
+from typing import Any, Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
 import pandas as pd
@@ -252,18 +252,33 @@ def read_embeddings(path: str | Path) -> pd.DataFrame:
         raise MicrosnoopError("no feature columns (named <channel>_emb_<k>) in the file", path)
     if len(set(names)) != len(names):
         raise MicrosnoopError("feature column names repeat", path)
-    _check_finite(x, names, path)
+    check_finite(x, names, path)
     return to_frame(meta, x, names, prov)
 
 
-def _check_finite(x: np.ndarray, names: list[str], path: Path) -> None:
-    """One NaN would turn a whole normalised or sphered column NaN (or stop the SVD): refuse it, naming where."""
+def check_finite(x: np.ndarray, names: Sequence[str], source: object = None, what: str = "row(s)",
+                 advice: str = "drop or re-embed them") -> None:
+    """Refuse NaN or inf features, naming the first row and column.
+
+    Why: one NaN would turn a whole normalised or sphered column NaN (or stop the SVD).
+
+    Parameters
+    ----------
+    x : numpy.ndarray
+        (rows, features) values.
+    names : sequence of str
+        The feature column names, in ``x``'s column order.
+    source : object, optional
+        The file or output named in the error.
+    what, advice : str
+        How the rows are called and what to do, in the message.
+    """
     bad = ~np.isfinite(x)
     if bad.any():
         rows = np.flatnonzero(bad.any(axis=1))
         r, c = int(rows[0]), int(np.flatnonzero(bad[rows[0]])[0])
-        raise MicrosnoopError(f"{len(rows)} row(s) have NaN or inf features (first: row {r}, column {names[c]}); "
-                              f"drop or re-embed them", path)
+        raise MicrosnoopError(f"{len(rows)} {what} have NaN or inf features (first: row {r}, column {names[c]}); "
+                              f"{advice}", source)
 
 
 def _read_parquet(path: Path) -> tuple[pd.DataFrame, Any, list[str], Any]:

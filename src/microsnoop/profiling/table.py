@@ -15,7 +15,7 @@ import numpy as np
 import pandas as pd
 
 from ..core.errors import MicrosnoopError
-from ..io.writers import EMB_TOKEN, is_feature_column, read_embeddings  # noqa: F401  (one reader for every table)
+from ..io.writers import EMB_TOKEN, check_finite, is_feature_column, read_embeddings  # noqa: F401  (one reader for every table)
 
 
 def feature_columns(df: pd.DataFrame, features: Sequence[str] | None = None) -> list[str]:
@@ -94,14 +94,9 @@ def select_rows(df: pd.DataFrame, query: str | None, option: str = "--controls")
 
 
 def check_finite_features(df: pd.DataFrame, features: Sequence[str], source: object = None) -> None:
-    """One NaN would turn a whole normalised or sphered column NaN (or stop the SVD): refuse it, naming where."""
-    x = df[list(features)].to_numpy(dtype=np.float64)
-    bad = ~np.isfinite(x)
-    if bad.any():
-        rows = np.flatnonzero(bad.any(axis=1))
-        r, c = int(rows[0]), int(np.flatnonzero(bad[rows[0]])[0])
-        raise MicrosnoopError(f"{len(rows)} profile row(s) have NaN or inf features (first: row {r}, column "
-                              f"{features[c]}); drop or re-embed them before profiling", source)
+    """Refuse NaN or inf in the ``features`` columns of ``df`` (see :func:`microsnoop.io.writers.check_finite`)."""
+    check_finite(df[list(features)].to_numpy(dtype=np.float64), list(features), source, "profile row(s)",
+                 "drop or re-embed them before profiling")
 
 
 def write_profiles(path: str | Path, df: pd.DataFrame, features: Sequence[str], provenance: dict[str, Any],
