@@ -605,8 +605,8 @@ def train(
     checkpoint_every: Optional[int] = typer.Option(None, "--checkpoint-every", help="Write checkpoint.pt every this many steps, for --resume (default 200)."),
     workers: Optional[int] = typer.Option(None, "--workers", help="Data-loading processes."),
     holdout: Optional[int] = typer.Option(None, "--holdout", help="Images per modality kept out of training."),
-    device: str = typer.Option("cpu", "--device", help="cpu | cuda | cuda:N | auto. Under torchrun, cuda = cuda:LOCAL_RANK "
-                               "for each rank (NCCL); cpu ranks use gloo."),
+    device: str = typer.Option(D.DEVICE, "--device", help="auto (CUDA if present, else CPU) | cpu | cuda | cuda:N. Under "
+                               "torchrun, cuda = cuda:LOCAL_RANK for each rank (NCCL); cpu ranks use gloo."),
     set_: Optional[List[str]] = typer.Option(None, "--set", help="Method config KEY=VALUE (JSON value), repeatable, e.g. --set encoder_lr_scale=0.1."),
 ) -> None:
     """Self-supervised pretraining (default: the paper's masked U-Net recipe)."""

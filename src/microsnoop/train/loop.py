@@ -257,7 +257,7 @@ class RunLog:
 
 
 def train(data: str | Path, run_dir: str | Path, *, method: str = "mae-unet", resume: bool = False,
-          device: str = "cpu", options: dict[str, Any] | None = None,
+          device: str = "auto", options: dict[str, Any] | None = None,
           progress: Callable[[int, int, dict[str, float]], None] | None = None,
           stop_after: int | None = None) -> dict[str, Any]:
     """Train ``method`` on the images of ``data``; write checkpoints and logs to ``run_dir``.
@@ -279,7 +279,7 @@ def train(data: str | Path, run_dir: str | Path, *, method: str = "mae-unet", re
     resume : bool
         Continue from ``run_dir/checkpoint.pt`` (any world size; see docs/scaling.md for what is bit-exact).
     device : str
-        ``cpu``, ``cuda``, ``cuda:N`` or ``auto``.
+        ``auto`` (CUDA if present, else CPU; the default, as every command), ``cpu``, ``cuda`` or ``cuda:N``.
     options : dict, optional
         Config overrides (``LOOP_DEFAULTS`` and the method's defaults).
     progress : callable, optional
