@@ -12,12 +12,11 @@ from typing import Any, Sequence
 import numpy as np
 import pandas as pd
 
-from ..core.version import __version__
 from ..core.errors import MicrosnoopError
 from ..io.writers import feature_columns, output_provenance, to_anndata, to_frame
 from . import defaults
-from .engine import PADDING, Embedder
-from ..io.normalize import NORMALIZATION
+from .engine import Embedder
+from .run import run_provenance
 
 OUTPUTS = ("array", "frame", "anndata")
 
@@ -83,7 +82,8 @@ def embed_images(images: np.ndarray | Sequence[np.ndarray], model: Any = None, *
     c = x.shape[1] // emb.dim if n else 0
     names = _channel_names(channel_names, c)
     meta = _metadata(metadata, n)
-    prov = output_provenance(_provenance(emb, n), names, emb.dim)
+    prov = output_provenance(run_provenance(emb, "in-memory images", n, " ".join(sys.argv) or "python"),
+                             names, emb.dim)
     columns = feature_columns(names, emb.dim)
     if output == "frame":
         return to_frame(meta, x, columns, prov)
@@ -110,11 +110,3 @@ def _metadata(metadata: pd.DataFrame | None, n: int) -> pd.DataFrame:
     if "Metadata_Index" not in meta.columns:
         meta.insert(0, "Metadata_Index", np.arange(n))
     return meta
-
-
-def _provenance(emb: Embedder, n: int) -> dict[str, Any]:
-    import torch
-
-    return {"microsnoop_version": __version__, "torch_version": str(torch.__version__), "numpy_version": np.__version__,
-            **emb.provenance(), "normalization": NORMALIZATION, "padding": PADDING, "input": "in-memory images",
-            "n_images": n, "command": " ".join(sys.argv) or "python"}

@@ -32,17 +32,43 @@ from ..io.normalize import NORMALIZATION
 
 
 def provenance(embedder: Embedder, source: ImageSource, command: str | None = None, **extra: Any) -> dict[str, Any]:
+    """The record written with every output of ``source`` (see :func:`run_provenance`)."""
+    return run_provenance(embedder, str(source.path), len(source), command, **extra)
+
+
+def run_provenance(embedder: Embedder, input: str, n_images: int, command: str | None = None,
+                   **extra: Any) -> dict[str, Any]:
+    """How the vectors were made: versions, the model and its head, normalisation, padding, the input.
+
+    Parameters
+    ----------
+    embedder : Embedder
+        The embedder that ran.
+    input : str
+        What was embedded (a path, or a description such as ``in-memory images``).
+    n_images : int
+        Images embedded.
+    command : str, optional
+        The command line; default: ``sys.argv`` joined.
+    **extra
+        More keys (e.g. ``world_size``).
+
+    Returns
+    -------
+    dict
+        JSON-serialisable provenance.
+    """
     import torch
 
     return {
         "microsnoop_version": __version__,
-        "torch_version": torch.__version__,
+        "torch_version": str(torch.__version__),
         "numpy_version": np.__version__,
         **embedder.provenance(),
         "normalization": NORMALIZATION,
         "padding": PADDING,
-        "input": str(source.path),
-        "n_images": len(source),
+        "input": input,
+        "n_images": n_images,
         "command": command if command is not None else " ".join(sys.argv),
         **extra,
     }
