@@ -42,11 +42,18 @@ def test_engine_option_checked_first():
     assert check_engine(None) == "auto" and check_engine("TORCH") == "torch"
 
 
-def test_auto_is_torch_until_engines_are_validated_and_honours_the_environment(monkeypatch):
+def test_auto_picks_openvino_when_installed_and_honours_the_environment(monkeypatch):
+    from microsnoop.embed import backends
     from microsnoop.embed.backends import resolve_engine
 
     monkeypatch.delenv("MICROSNOOP_ENGINE", raising=False)
-    assert resolve_engine("auto", "cpu", "bf16")[0] == "torch"  # engines are opt-in for now (issue 19)
+    want = "openvino" if installed("openvino") else "torch"
+    assert resolve_engine("auto", "cpu", "bf16")[0] == want
+    monkeypatch.setattr(backends, "installed", lambda name: name == "torch")
+    assert resolve_engine("auto", "cpu", "bf16") == ("torch", "auto: torch (no optional engine installed: "
+                                                              "pip install 'microsnoop[fast]')")
+    monkeypatch.undo()
+    assert resolve_engine("auto", "cpu", "fp16")[0] == "torch"
     assert resolve_engine("openvino", "cpu", "bf16")[0] == "openvino"
     assert resolve_engine("auto", "cuda", "bf16")[0] == "torch"
     monkeypatch.setenv("MICROSNOOP_ENGINE", "openvino")
@@ -125,6 +132,34 @@ def test_cache_key_follows_weights_head_and_shape(yeast):
     assert a._engine.cache_entry((4, 1, 96, 96)) != entry
     c = Embedder("random-init", device="cpu", precision="bf16", engine="openvino")  # a new process would reuse it
     assert c.module is not None and c._engine.cache_entry((4, 1, 64, 64)) == entry
+
+
+@needs_openvino
+def test_shapes_beyond_the_cap_run_on_torch_and_say_so(yeast, monkeypatch):
+    """A folder of crops of many sizes must not pay an export per size: after MAX_SHAPES compiled
+    shapes, new ones run on the torch fallback, and the provenance names both engines."""
+    from microsnoop.embed import backends
+
+    monkeypatch.setattr(backends, "MAX_SHAPES", 1)
+    cells = np.array(np.load(yeast / "images.npy", mmap_mode="r")[:4, :1])
+    small = np.ascontiguousarray(cells[..., :48, :48])
+    emb = Embedder("random-init", device="cpu", precision="bf16", engine="openvino")
+    emb.embed(cells)
+    assert emb.engine == "openvino"
+    want = Embedder("random-init", device="cpu", precision="bf16", engine="torch").embed(small)
+    got = emb.embed(small)
+    assert emb._engine.torch_batches == 1 and len(emb._engine._runs) == 1
+    assert emb.engine == "openvino+torch" and emb.provenance()["engine"] == "openvino+torch"
+    np.testing.assert_array_equal(got, want)  # exactly the torch path's vectors for the uncompiled shape
+
+
+@needs_openvino
+def test_openvino_batches_are_small(yeast):
+    """OpenVINO runs ~128k pixels per forward (faster in cache), torch ~1M; --batch-size overrides both."""
+    emb = Embedder("random-init", device="cpu", precision="bf16", engine="openvino")
+    assert emb.batch_for(64, 64) == 32 and emb.batch_for(224, 224) == 2 and emb.batch_for(96, 96) == 14
+    assert Embedder("random-init", device="cpu", engine="torch").batch_for(64, 64) == 256
+    assert Embedder("random-init", device="cpu", engine="openvino", batch_size=7).batch_for(64, 64) == 7
 
 
 @needs_openvino

@@ -39,9 +39,9 @@ RENAMED: dict[str, dict[str, str]] = {
 
 # help shared by the commands that have the option, so one setting reads the same everywhere
 HELP_DEVICE = "auto (CUDA, then MPS, then CPU) | cpu | cuda | cuda:N | mps."
-HELP_ENGINE = ("CPU inference engine: auto (= torch, or $MICROSNOOP_ENGINE) | torch | openvino | onnxruntime (opt-in, "
-               "from the 'fast' extra that install.sh installs; each export is validated at cosine >= 0.999 to fp32 on "
-               "its first batch, else torch runs).")
+HELP_ENGINE = ("CPU inference engine: auto (OpenVINO when installed, else torch; $MICROSNOOP_ENGINE overrides) | torch "
+               "| openvino | onnxruntime (from the 'fast' extra that install.sh installs; each export is validated at "
+               "cosine >= 0.999 to fp32 on its first batch, else torch runs).")
 HELP_OVERWRITE = "Replace an existing output."
 HELP_CHANNELS = ("Folder input: channel tokens in file names, e.g. 'w1,w2,w3'. Manifest: channel names of "
                  "FileName_<name> columns to use, in order.")

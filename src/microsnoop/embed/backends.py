@@ -44,7 +44,9 @@ AUTO_ORDER = ("openvino",)
 MIN_COSINE = 0.999
 VALIDATE_PLANES = 4  # planes of the first batch re-run in fp32 torch to validate an engine
 VALIDATE_SIDE = 256  # side of the centre crop validated when height and width are dynamic (fields)
-MAX_SHAPES = 8  # compiled input shapes kept per module (whole fields of many sizes would grow without bound)
+# input shapes compiled per module: each new (H, W) costs an export and a compile (~1-3 s, cached on
+# disk); a folder of crops of many sizes runs its further shapes on the torch fallback instead
+MAX_SHAPES = 8
 _PACKAGES = {"openvino": "openvino", "onnxruntime": "onnxruntime"}
 
 
@@ -228,6 +230,7 @@ class EngineModule(torch.nn.Module):
         self.failed: str | None = None  # reason the engine was abandoned (then the fallback runs)
         self.validation: dict[str, float] = {}  # shape -> min cosine to fp32 torch on the first batch
         self.batches = 0  # batches the engine itself ran (before any fallback)
+        self.torch_batches = 0  # batches of shapes beyond MAX_SHAPES, run by the fallback
 
     def cache_entry(self, shape: tuple[int, ...]) -> Path:
         key = tuple(-1 if i in self.dynamic else int(s) for i, s in enumerate(shape))
@@ -248,8 +251,6 @@ class EngineModule(torch.nn.Module):
         entry = self.cache_entry(x.shape)
         run = COMPILERS[self.engine](self.reference, example, entry, self.precision, self.threads, self.dynamic)
         self._validate(x, run, entry)
-        if len(self._runs) >= MAX_SHAPES:
-            self._runs.pop(next(iter(self._runs)))
         self._runs[key] = run
         log.info("engine %s (%s) ready for input %s in %.1f s (min cosine to fp32 torch %.6f)", self.engine,
                  self.precision, tuple(x.shape[1:]), time.perf_counter() - t, self.validation[_shape_tag(x)])
@@ -288,8 +289,18 @@ class EngineModule(torch.nn.Module):
             tmp.write_text(json.dumps({"min_cosine": worst, "planes": int(len(probe)), "shape": list(probe.shape[1:]),
                                        "time": time.time()}))
 
+    def _new_shape_over_cap(self, x: torch.Tensor) -> bool:
+        key = tuple(-1 if i in self.dynamic else int(s) for i, s in enumerate(x.shape))
+        if key in self._runs or len(self._runs) < MAX_SHAPES:
+            return False
+        if not self.torch_batches:
+            log.info("engine %s: %d input shapes compiled; further shapes (e.g. %s) run on torch", self.engine,
+                     MAX_SHAPES, tuple(x.shape[1:]))
+        self.torch_batches += 1
+        return True
+
     def forward(self, x: torch.Tensor):
-        if self.failed is None:
+        if self.failed is None and not self._new_shape_over_cap(x):
             try:
                 run = self._compile(x)
                 out = run(np.ascontiguousarray(x.detach().float().numpy()))
@@ -303,10 +314,11 @@ class EngineModule(torch.nn.Module):
 
     @property
     def name(self) -> str:
-        """The engine that ran: ``openvino``, ``torch`` (fell back before any batch) or
-        ``openvino, then torch`` when it failed part-way (the reason is in :attr:`failed` and the log)."""
+        """The engine that ran: ``openvino``, ``torch`` (fell back before any batch),
+        ``openvino, then torch`` when it failed part-way (the reason is in :attr:`failed` and the log) or
+        ``openvino+torch`` when shapes beyond :data:`MAX_SHAPES` ran on torch."""
         if not self.failed:
-            return self.engine
+            return f"{self.engine}+torch" if self.torch_batches and self.batches else self.engine
         return f"{self.engine}, then torch" if self.batches else "torch"
 
 
@@ -348,10 +360,12 @@ def resolve_engine(engine: str | None, device: torch.device | str, precision: st
     env = os.environ.get("MICROSNOOP_ENGINE", "").strip().lower()
     if env and env != "auto":  # a site- or test-wide default for auto
         return resolve_engine(env, device, precision)[0], f"MICROSNOOP_ENGINE={env}"
-    # auto stays on torch for now: the OpenVINO path is validated per export, but its end-to-end speed,
-    # first-use compile time per input size and whole-field segmentation time are not yet measured on a
-    # quiet machine (issue 19); opt in with --engine openvino or MICROSNOOP_ENGINE=openvino
-    return "torch", "auto: torch (optional engines are opt-in: --engine openvino | onnxruntime)"
+    # measured on a quiet machine (docs/scaling.md): OpenVINO bf16 runs the encoder at ~5x eager and the
+    # Cellpose network at ~3x; each export is validated against fp32 on first use, else torch runs
+    for name in AUTO_ORDER:
+        if installed(name):
+            return name, f"auto: {name} installed"
+    return "torch", "auto: torch (no optional engine installed: pip install 'microsnoop[fast]')"
 
 
 def engine_module(reference: torch.nn.Module, engine: str | None, device: torch.device | str, precision: str,

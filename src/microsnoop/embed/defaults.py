@@ -12,5 +12,5 @@ PRECISION = "auto"
 BATCH_SIZE: int | None = None
 # images read, normalised and kept in memory at a time by the streaming writer
 CHUNK_SIZE = 1024
-# CPU inference engine: auto = torch (or $MICROSNOOP_ENGINE)
+# CPU inference engine: auto = OpenVINO when installed (validated per export), else torch; $MICROSNOOP_ENGINE overrides
 ENGINE = "auto"
