@@ -15,6 +15,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from scipy import ndimage as ndi
+from scipy.sparse import csr_matrix
 
 FLOW_SCALE = 5.0  # the network was trained on 5x the unit flows
 
@@ -88,25 +89,33 @@ def masks_to_flows(masks: np.ndarray, niter: int | None = None) -> np.ndarray:
         centres.append((yy[k], xx[k]))
         ext = max(ext, sl[0].stop - sl[0].start, sl[1].stop - sl[1].start)
     niter = niter or 2 * ext
-    # work on the mask pixels only (flat indices into the 1-px padded image, whose border is background)
-    L = np.pad(masks, 1)
+    # work on the mask pixels only (flat indices into the 1-px padded image, whose border is background);
+    # one diffusion step = a sparse matrix (each pixel's same-label 3x3 neighbours, in offset order, so
+    # the float32 sums are those of the dense (9, n) gather this replaced) times T: ~3x faster
+    L = np.pad(masks, 1).ravel()
     Wp = W + 2
     flat = np.flatnonzero(L)
-    offsets = np.array([dy * Wp + dx for dy in (-1, 0, 1) for dx in (-1, 0, 1)])
-    nbr = flat[None, :] + offsets[:, None]                       # (9, n)
-    same = (L.ravel()[nbr] == L.ravel()[flat][None, :]).astype(np.float32)
+    offsets = np.array([dy * Wp + dx for dy in (-1, 0, 1) for dx in (-1, 0, 1)], dtype=flat.dtype)
+    nbr = flat[:, None] + offsets[None, :]                       # (n, 9)
+    same = L[nbr] == L[flat][:, None]
     pos = np.full(L.size, -1, np.int64)
     pos[flat] = np.arange(len(flat))
-    nbr_pos = np.where(same > 0, pos[nbr], 0)                    # neighbours of another mask count as 0
+    indptr = np.zeros(len(flat) + 1, np.int64)
+    np.cumsum(same.sum(axis=1), out=indptr[1:])
+    step = csr_matrix((np.ones(int(indptr[-1]), np.float32), pos[nbr[same]], indptr), shape=(len(flat), len(flat)))
     cy, cx = np.array(centres).T + 1
     cpos = pos[cy * Wp + cx]
     T = np.zeros(len(flat), np.float32)
     for _ in range(niter):
         T[cpos] += 1
-        T = (T[nbr_pos] * same).sum(axis=0) / 9.0
+        T = step @ T
+        T /= 9.0
     T = np.log1p(T)
-    Tn = T[nbr_pos] * same                                       # (9, n) neighbour values, row = (dy+1)*3+(dx+1)
-    gy, gx = Tn[7] - Tn[1], Tn[5] - Tn[3]
+
+    def neighbour(k: int) -> np.ndarray:  # T of the neighbour at offset k, 0 where it is another mask
+        return np.where(same[:, k], T[np.where(same[:, k], pos[nbr[:, k]], 0)], np.float32(0))
+
+    gy, gx = neighbour(7) - neighbour(1), neighbour(5) - neighbour(3)
     norm = np.sqrt(gy ** 2 + gx ** 2) + 1e-20
     yy, xx = np.divmod(flat, Wp)
     mu[0, yy - 1, xx - 1] = gy / norm
