@@ -3,6 +3,9 @@
     PYTHONPATH=src python benchmarks/cellpose_engines.py [--fields 3] [--engines torch,openvino]
         [--plate ../shared/data/plates/bbbc013] [--channel DNA] [--repeats 2]
 
+An engine may carry its own precision, ``NAME:PRECISION`` (e.g. ``--engines torch:fp32,torch,openvino``:
+the fp32 torch path the issue's 12 s/field was measured with, today's bf16 torch path, OpenVINO).
+
 For each field (the segment channel, 640 x 640 uint8) every engine segments it with the default
 settings (precision auto) at one object diameter for the plate, as the plate command's segmentation
 stage does (it estimates the size on a few fields, then fixes it): ``--diameter``, else estimated
@@ -42,7 +45,7 @@ def main() -> None:
     ap.add_argument("--plate", type=Path, default=PLATE)
     ap.add_argument("--channel", default="DNA")
     ap.add_argument("--fields", type=int, default=3)
-    ap.add_argument("--engines", default="torch,openvino")
+    ap.add_argument("--engines", default="torch,openvino", help="NAME[:PRECISION],... (first = the reference)")
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--precision", default="auto")
     ap.add_argument("--diameter", type=float, default=None, help="object diameter (px); default: estimated once")
@@ -65,7 +68,8 @@ def main() -> None:
     diameter = args.diameter
     for e in engines:
         t = time.perf_counter()
-        segs[e] = CellposeSegmenter(precision=args.precision, engine=e)
+        name, _, prec = e.partition(":")
+        segs[e] = CellposeSegmenter(precision=prec or args.precision, engine=name)
         if e != "torch":
             run_network(segs[e].runner, fields[0][1], 1.0, segs[e].precision)  # export/compile/validate (cached after)
         setup[e] = time.perf_counter() - t

@@ -310,3 +310,24 @@ def test_atomic_outputs_get_the_umask_mode_not_mkstemp_private(tmp_path):
         os.umask(old)
     assert (tmp_path / "out.txt").stat().st_mode & 0o777 == 0o644
     assert [p.name for p in tmp_path.iterdir()] == ["out.txt"]
+
+
+@pytest.mark.parametrize("dtype", [np.uint8, np.uint16, np.int16])
+def test_integer_percentiles_equal_numpy_bit_for_bit(dtype):
+    """The partial-sort percentiles of integer images are numpy's linear-method percentiles of the
+    float32 copy exactly (same order statistics, numpy's interpolation), incl. the q >= 0.5 branch."""
+    from microsnoop.io.normalize import normalize_percentile, row_percentiles
+
+    info = np.iinfo(dtype)
+    rng = np.random.default_rng(7)
+    imgs = rng.integers(max(info.min, -3000), min(info.max, 60000) + 1, size=(5, 2, 37, 29)).astype(dtype)
+    imgs[0, 1] = 9  # a constant plane -> zeros
+    flat = imgs.reshape(10, -1)
+    for q in ([1.0, 99.0], [0.0, 50.0, 100.0], [37.5, 62.5]):
+        want = np.percentile(flat.astype(np.float32), q, axis=1)
+        np.testing.assert_array_equal(row_percentiles(flat, q), want)
+    lo, hi = np.percentile(flat.astype(np.float32), [1.0, 99.0], axis=1)
+    scale = np.where(hi - lo > 0, hi - lo, 1.0).astype(np.float32)
+    want = ((flat.astype(np.float32) - lo[:, None].astype(np.float32)) / scale[:, None]).reshape(imgs.shape)
+    want[0, 1] = 0.0
+    np.testing.assert_array_equal(normalize_percentile(imgs), want)
