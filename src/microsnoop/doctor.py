@@ -39,8 +39,9 @@ def run_doctor(console) -> bool:
         dt = time.perf_counter() - t
         same = float(np.abs(a - b).max())
         good = a.shape == (1, 2 * emb.dim) and np.isfinite(a).all() and same < 1e-4
-        console.print(f"self-test ({emb.encoder.name} on {emb.device}, sample {name} 2x128x128): "
-                      f"{'OK' if good else 'FAILED'} shape {a.shape}, batch invariance {same:.1e}, {dt:.2f} s")
+        console.print(f"self-test ({emb.encoder.name} on {emb.device}, engine {emb.engine}, sample {name} 2x128x128): "
+                      f"{'OK' if good else 'FAILED'} shape {a.shape}, batch invariance {same:.1e}, {dt:.2f} s "
+                      "(an optional engine's first run includes its one-off export)")
         ok = ok and good
     except Exception as exc:  # doctor reports, it does not crash
         console.print(f"self-test FAILED: {type(exc).__name__}: {exc}")
