@@ -169,7 +169,7 @@ def test_auto_exports_a_new_shape_only_for_enough_pixels(yeast, monkeypatch, tmp
     monkeypatch.setattr(eng, "AUTO_EXPORT_PIXELS", 8 * 64 * 64)  # now the same group is big enough
     got = emb.embed(cells)
     assert emb.engine == "openvino+torch" and cosine_rows(got, want).min() >= 0.999
-    monkeypatch.setattr(eng, "AUTO_EXPORT_PIXELS", 2 ** 22)
+    monkeypatch.setattr(eng, "AUTO_EXPORT_PIXELS", 2 ** 25)
     again = Embedder("random-init", device="cpu", precision="bf16", engine="auto")  # the export is cached now
     again.embed(cells[:2])
     assert again.engine == "openvino"

@@ -37,8 +37,8 @@ MAX_AUTO_BATCH = 512
 # 70-85 % of the bf16 matmul peak at 64-224 px against 60-65 % at BATCH_PIXELS (benchmarks/throughput.py)
 ENGINE_BATCH_PIXELS = 2 ** 17
 # engine "auto": a shape not yet in the engine cache is exported only for a group of at least this many
-# pixels (1,024 planes of 64x64, 16 of 512x512): an export + compile costs 2-6 s, about what torch needs for that many
-AUTO_EXPORT_PIXELS = 2 ** 22
+# pixels (~128 planes of 512x512); an export + compile costs 2-6 s, more than torch needs for fewer
+AUTO_EXPORT_PIXELS = 2 ** 25
 PADDING = "images smaller than the model's minimum size are zero-padded (centred); no resizing"
 
 
