@@ -154,28 +154,6 @@ def test_shapes_beyond_the_cap_run_on_torch_and_say_so(yeast, monkeypatch):
 
 
 @needs_openvino
-def test_auto_exports_a_new_shape_only_for_enough_pixels(yeast, monkeypatch, tmp_path):
-    """Under ``auto`` a few images of a size never exported run on torch (an export costs more than
-    they do); enough pixels of that size, or a cached export, and OpenVINO runs them."""
-    from microsnoop.embed import engine as eng
-
-    monkeypatch.setenv("MICROSNOOP_CACHE", str(tmp_path))  # no export of this shape yet
-
-    cells = np.array(np.load(yeast / "images.npy", mmap_mode="r")[:8, :1])
-    want = Embedder("random-init", device="cpu", precision="bf16", engine="torch").embed(cells)
-    emb = Embedder("random-init", device="cpu", precision="bf16", engine="auto")
-    np.testing.assert_array_equal(emb.embed(cells), want)
-    assert emb.engine == "torch" and emb._engine.torch_batches == 1 and not emb._engine._runs
-    monkeypatch.setattr(eng, "AUTO_EXPORT_PIXELS", 8 * 64 * 64)  # now the same group is big enough
-    got = emb.embed(cells)
-    assert emb.engine == "openvino+torch" and cosine_rows(got, want).min() >= 0.999
-    monkeypatch.setattr(eng, "AUTO_EXPORT_PIXELS", 2 ** 25)
-    again = Embedder("random-init", device="cpu", precision="bf16", engine="auto")  # the export is cached now
-    again.embed(cells[:2])
-    assert again.engine == "openvino"
-
-
-@needs_openvino
 def test_openvino_batches_are_small(yeast):
     """OpenVINO runs ~128k pixels per forward (faster in cache), torch ~1M; --batch-size overrides both."""
     emb = Embedder("random-init", device="cpu", precision="bf16", engine="openvino")

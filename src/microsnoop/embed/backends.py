@@ -230,9 +230,7 @@ class EngineModule(torch.nn.Module):
         self.failed: str | None = None  # reason the engine was abandoned (then the fallback runs)
         self.validation: dict[str, float] = {}  # shape -> min cosine to fp32 torch on the first batch
         self.batches = 0  # batches the engine itself ran (before any fallback)
-        self.torch_batches = 0  # batches of shapes beyond MAX_SHAPES (or deferred), run by the fallback
-        # set by the caller per group of same-size planes: too few pixels to repay a new export
-        self.defer_new_shapes = False
+        self.torch_batches = 0  # batches of shapes beyond MAX_SHAPES, run by the fallback
 
     def cache_entry(self, shape: tuple[int, ...]) -> Path:
         key = tuple(-1 if i in self.dynamic else int(s) for i, s in enumerate(shape))
@@ -293,12 +291,7 @@ class EngineModule(torch.nn.Module):
 
     def _new_shape_over_cap(self, x: torch.Tensor) -> bool:
         key = tuple(-1 if i in self.dynamic else int(s) for i, s in enumerate(x.shape))
-        if key in self._runs:
-            return False
-        if self.defer_new_shapes and not (self.cache_entry(x.shape) / f"validated-{self.precision}.json").exists():
-            self.torch_batches += 1  # a small group of a shape never seen: torch is faster than an export
-            return True
-        if len(self._runs) < MAX_SHAPES:
+        if key in self._runs or len(self._runs) < MAX_SHAPES:
             return False
         if not self.torch_batches:
             log.info("engine %s: %d input shapes compiled; further shapes (e.g. %s) run on torch", self.engine,
@@ -323,12 +316,9 @@ class EngineModule(torch.nn.Module):
     def name(self) -> str:
         """The engine that ran: ``openvino``, ``torch`` (fell back before any batch),
         ``openvino, then torch`` when it failed part-way (the reason is in :attr:`failed` and the log) or
-        ``openvino+torch`` when shapes beyond :data:`MAX_SHAPES` (or small groups of shapes not yet
-        exported, under ``auto``) ran on torch."""
+        ``openvino+torch`` when shapes beyond :data:`MAX_SHAPES` ran on torch."""
         if not self.failed:
-            if self.torch_batches:
-                return f"{self.engine}+torch" if self.batches else "torch"
-            return self.engine
+            return f"{self.engine}+torch" if self.torch_batches and self.batches else self.engine
         return f"{self.engine}, then torch" if self.batches else "torch"
 
 

@@ -36,9 +36,6 @@ MAX_AUTO_BATCH = 512
 # OpenVINO runs fastest on small batches (activations stay in cache): ~128k pixels per forward measured
 # 70-85 % of the bf16 matmul peak at 64-224 px against 60-65 % at BATCH_PIXELS (benchmarks/throughput.py)
 ENGINE_BATCH_PIXELS = 2 ** 17
-# engine "auto": a shape not yet in the engine cache is exported only for a group of at least this many
-# pixels (~128 planes of 512x512); an export + compile costs 2-6 s, more than torch needs for fewer
-AUTO_EXPORT_PIXELS = 2 ** 25
 PADDING = "images smaller than the model's minimum size are zero-padded (centred); no resizing"
 
 
@@ -207,8 +204,6 @@ class Embedder:
         bs = self.batch_for(*planes.shape[-2:])
         out = np.empty((len(planes), self.dim), dtype=np.float32)
         module = self.module
-        if self._engine is not None:
-            self._engine.defer_new_shapes = self.engine_choice == "auto" and planes.size < AUTO_EXPORT_PIXELS
         ctx = autocast(self.device, self.precision) if self._autocast else contextlib.nullcontext()
         dtype = next(module.parameters()).dtype if any(True for _ in module.parameters()) else torch.float32
         with torch.inference_mode(), ctx:
