@@ -232,14 +232,18 @@ class EngineModule(torch.nn.Module):
         self.batches = 0  # batches the engine itself ran (before any fallback)
         self.torch_batches = 0  # batches of shapes beyond MAX_SHAPES, run by the fallback
 
+    def _key(self, shape: tuple[int, ...]) -> tuple[int, ...]:
+        """``shape`` with the dynamic dimensions as -1: one compiled runner and cache entry per key."""
+        return tuple(-1 if i in self.dynamic else int(s) for i, s in enumerate(shape))
+
     def cache_entry(self, shape: tuple[int, ...]) -> Path:
-        key = tuple(-1 if i in self.dynamic else int(s) for i, s in enumerate(shape))
+        key = self._key(shape)
         tag = "x".join("d" if s < 0 else str(s) for s in key)
         return cache_root() / f"{self.engine}-{engine_version(self.engine)}" / f"{self.digest[:24]}-{tag}"
 
     def _compile(self, x: torch.Tensor) -> Callable[[np.ndarray], list[np.ndarray]]:
         """The engine's runner for ``x``'s shape: exported (or read from the cache), compiled and validated."""
-        key = tuple(-1 if i in self.dynamic else int(s) for i, s in enumerate(x.shape))
+        key = self._key(x.shape)
         run = self._runs.get(key)
         if run is not None:
             return run
@@ -290,7 +294,7 @@ class EngineModule(torch.nn.Module):
                                        "time": time.time()}))
 
     def _new_shape_over_cap(self, x: torch.Tensor) -> bool:
-        key = tuple(-1 if i in self.dynamic else int(s) for i, s in enumerate(x.shape))
+        key = self._key(x.shape)
         if key in self._runs or len(self._runs) < MAX_SHAPES:
             return False
         if not self.torch_batches:
@@ -360,8 +364,9 @@ def resolve_engine(engine: str | None, device: torch.device | str, precision: st
     env = os.environ.get("MICROSNOOP_ENGINE", "").strip().lower()
     if env and env != "auto":  # a site- or test-wide default for auto
         return resolve_engine(env, device, precision)[0], f"MICROSNOOP_ENGINE={env}"
-    # measured on a quiet machine (docs/scaling.md): OpenVINO bf16 runs the encoder at ~5x eager and the
-    # Cellpose network at ~3x; each export is validated against fp32 on first use, else torch runs
+    # measured on a quiet machine (docs/scaling.md): OpenVINO bf16 runs the encoder at 3.8-4.4x eager
+    # (96-224 px) and the Cellpose network at 3.7x bf16 torch; each export is validated against fp32
+    # on first use, else torch runs
     for name in AUTO_ORDER:
         if installed(name):
             return name, f"auto: {name} installed"
