@@ -14,6 +14,8 @@ scaled so that each teacher's targets have mean squared norm ``teacher_dims``, i
 equally whatever their width. The statistics are buffers of the trained model, so ``--resume`` is exact.
 
 Crops are percentile-normalised **per crop** (1st-99th), as ``embed`` normalises a single-cell image.
+``centre_fraction`` (default 0, as ``microsnoop-unet-v2`` was trained) centres that share of the crops
+on an object found in the plane (``train.data.object_centres``), as single-cell crops are centred on a cell.
 The exported encoder (arch ``distill-unet``) outputs the concatenated projections.
 """
 from __future__ import annotations
@@ -94,7 +96,7 @@ class DistillUNet(PretextMethod):
     defaults = {"teachers": ["cellpose-encoder:levels=all", "imagenet-effnet-lite0"], "teacher_tta": ["d8", "d8-sample"],
                 "teacher_dims": 256, "calibration_batches": 24, "min_signal": 0.1, "widths": [32, 64, 128, 256],
                 "input_size": 64, "batch_size": 32, "scale_range": [0.4, 1.6], "gamma": [0.7, 1.4],
-                "noise": 0.05, "sampling": "proportional", "lr": 1e-3, "encoder_lr_scale": 0.3, "warmup_steps": 100}
+                "noise": 0.05, "sampling": "proportional", "centre_fraction": 0.0, "lr": 1e-3, "encoder_lr_scale": 0.3, "warmup_steps": 100}
 
     def __init__(self) -> None:
         self._teachers: list[tuple[str, nn.Module, bool]] | None = None
@@ -129,9 +131,10 @@ class DistillUNet(PretextMethod):
         args = (pool, int(config["batch_size"]), int(config["input_size"]))
         scale = tuple(config.get("scale_range", (0.4, 1.6)))
         # calibration batches come from another seed stream: they never coincide with training steps
-        self._calib = StepBatches(*args, int(config["seed"]) + 104729, scale, extra=views)
+        centre = float(config.get("centre_fraction", 0.0))  # share of crops centred on an object
+        self._calib = StepBatches(*args, int(config["seed"]) + 104729, scale, extra=views, centre_fraction=centre)
         self._config = config
-        return StepBatches(*args, int(config["seed"]), scale, extra=views, shard=shard)
+        return StepBatches(*args, int(config["seed"]), scale, extra=views, shard=shard, centre_fraction=centre)
 
     def teachers(self, config: dict[str, Any], device: torch.device) -> list[tuple[str, nn.Module, bool]]:
         """Frozen teachers as the engine's fast modules (BN folded, bf16 weights where the CPU has it)."""
