@@ -237,3 +237,25 @@ def test_npy_listed_in_a_manifest_is_read_or_refused_in_one_line(tiny_pool, tmp_
     np.save(tmp_path / "plane.npy", np.zeros((2, 1, 40, 40), np.float32))
     with pytest.raises(MicrosnoopError, match=r"plane\.npy: a \.npy training image must be a numeric \(H, W\) or"):
         ImagePool(tmp_path / "manifest.csv")
+
+
+def test_centred_crops_sit_on_objects_and_off_keeps_batches(shared_data, tmp_path):
+    """``centre_fraction``: crops around the objects of a real nucleus field; 0 leaves v2's batches alone."""
+    import shutil
+
+    from microsnoop.train.data import ImagePool, StepBatches
+
+    rel = "images/fluorescence/cpex_Human_AS_09125_050116030001_D03f00d0_c0.tif"  # 512 x 512 DNA field
+    shutil.copy(shared_data / "pretrain" / rel, tmp_path / "field.tif")
+    pool = ImagePool(tmp_path)
+    centres = pool.object_centres()[0]
+    plane = pool.planes[0]
+    assert len(centres) >= 50  # a crowded field of nuclei
+    assert np.median(plane[centres[:, 0], centres[:, 1]]) >= 4 * np.median(plane)  # on nuclei, not background
+    centred = StepBatches(pool, 64, 48, 0, (0.75, 1.5), centre_fraction=1.0)[0]["image"].numpy()[:, 0]
+    plain = StepBatches(pool, 64, 48, 0, (0.75, 1.5))[0]["image"].numpy()[:, 0]
+    mid = lambda b: b[:, 20:28, 20:28].mean((1, 2))  # noqa: E731 - the crops' central 8 x 8 pixels
+    assert (mid(centred) > centred.mean((1, 2))).mean() >= 0.6
+    assert mid(centred).mean() >= 3 * mid(plain).mean()
+    off = StepBatches(pool, 64, 48, 0, (0.75, 1.5), centre_fraction=0.0)[0]["image"].numpy()[:, 0]
+    np.testing.assert_array_equal(off, plain)
