@@ -117,6 +117,7 @@ class ImagePool:
         self.modalities = sorted({e.modality for e in self.entries})
         self.by_modality = {m: np.array([i for i, e in enumerate(self.entries) if e.modality == m])
                             for m in self.modalities}
+        self._centres: list[np.ndarray] | None = None  # object_centres(), found on first use
 
     def __len__(self) -> int:
         return len(self.entries)
@@ -126,7 +127,7 @@ class ImagePool:
 
     def object_centres(self) -> list[np.ndarray]:
         """Each plane's object centres (``object_centres``), computed once and kept (~17 s for 1,004 planes)."""
-        if getattr(self, "_centres", None) is None:
+        if self._centres is None:
             self._centres = [object_centres(p, lo, hi) for p, (lo, hi) in zip(self.planes, self.ranges)]
         return self._centres
 
@@ -250,7 +251,6 @@ class StepBatches(torch.utils.data.Dataset):
         if self.extra is not None:
             batch.update(self.extra(batch["image"], rng))
         return batch
-
 
     def _centre(self, i: int, rng: np.random.Generator) -> tuple[int, int] | None:
         """An object centre of plane ``i`` for a ``centre_fraction`` of crops (None: a random window).
