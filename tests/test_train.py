@@ -259,3 +259,15 @@ def test_centred_crops_sit_on_objects_and_off_keeps_batches(shared_data, tmp_pat
     assert mid(centred).mean() >= 3 * mid(plain).mean()
     off = StepBatches(pool, 64, 48, 0, (0.75, 1.5), centre_fraction=0.0)[0]["image"].numpy()[:, 0]
     np.testing.assert_array_equal(off, plain)
+    from microsnoop.core.errors import MicrosnoopError
+
+    with pytest.raises(MicrosnoopError, match=r"centre_fraction must be between 0 and 1, got 1\.5"):
+        StepBatches(pool, 64, 48, 0, (0.75, 1.5), centre_fraction=1.5)
+
+
+def test_bad_method_option_leaves_no_run_folder(tiny_pool, tmp_path, cli):
+    """An option the method refuses (here centre_fraction > 1) is a one-line error, exit 2, nothing written."""
+    code, _, err = cli("train", "--method", "distill-unet", "--data", tiny_pool, "-o", tmp_path / "run",
+                       "--steps", "1", "--set", "centre_fraction=2")
+    assert code == 2 and "centre_fraction must be between 0 and 1, got 2" in err
+    assert not (tmp_path / "run").exists()

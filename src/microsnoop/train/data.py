@@ -233,6 +233,8 @@ class StepBatches(torch.utils.data.Dataset):
         self.pool, self.batch_size, self.input_size, self.seed = pool, batch_size, input_size, seed
         self.scale_range, self.extra, self.shard = scale_range, extra, shard
         self.centre_fraction = float(centre_fraction)
+        if not 0.0 <= self.centre_fraction <= 1.0:  # refused before the object search and any training
+            raise MicrosnoopError(f"centre_fraction must be between 0 and 1, got {centre_fraction}")
         # object centres per plane, found once here (before DataLoader workers copy the dataset)
         self.centres = pool.object_centres() if self.centre_fraction > 0 else None
 

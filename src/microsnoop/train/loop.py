@@ -354,6 +354,8 @@ def _train(m: Any, data: str | Path, run_dir: Path, config: dict[str, Any], save
         train_model = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[dev.index] if dev.type == "cuda" else None)
 
+    # before anything is written: a method's bad option (raised here) leaves no half-made run folder
+    dataset = m.make_dataset(pool, config, shard=(d.rank, d.world))
     log = None
     if d.main:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -365,7 +367,6 @@ def _train(m: Any, data: str | Path, run_dir: Path, config: dict[str, Any], save
         _write_config(run_dir, meta, resume, start, d.world, int(config["batch_size"]))
         log = RunLog(run_dir / "log.csv", start if resume else None)
 
-    dataset = m.make_dataset(pool, config, shard=(d.rank, d.world))
     stop = config["steps"] if stop_after is None else min(config["steps"], stop_after)
     loader = step_loader(dataset, start, stop, int(config["workers"]), int(config["prefetch"]))
     per_step = int(config["batch_size"]) * d.world
