@@ -11,7 +11,7 @@ from microsnoop.embed.engine import Embedder
 from microsnoop.core.errors import MicrosnoopError
 from microsnoop.models import create_model
 from microsnoop.models.checkpoints import save_checkpoint
-from microsnoop.models.heads import dihedral, parse_levels, split_head_options
+from microsnoop.models.heads import dihedral, parse_levels, parse_scales, scaled_size, split_head_options
 from microsnoop.models.microsnoop_unet import DistilledUNetEncoder
 
 from conftest import run_cli
@@ -114,3 +114,77 @@ def test_head_round_trips_through_checkpoint_and_output(tmp_path, capsys, cells)
     code, _, err = run_cli(["embed", tmp_path / "x.npy", "-o", tmp_path / "o2.parquet", "--model", ckpt,
                             "--tta", "d4"], capsys)
     assert code == 2 and "unknown test-time augmentation 'd4'" in err
+
+
+def test_scales_parse_and_sizes():
+    assert parse_scales("1+1.5") == (1.0, 1.5) and parse_scales(None) == (1.0,) and parse_scales(2) == (2.0,)
+    assert parse_scales([1, 0.5]) == (1.0, 0.5)
+    for bad in ("0", "1+1", "1+x", "1+2+3+4+1.5", "8"):
+        with pytest.raises(MicrosnoopError, match="scales"):
+            parse_scales(bad)
+    # factor 1 keeps the plane; other factors go to the nearest multiple of 8 px
+    assert (scaled_size(68, 1.0), scaled_size(68, 1.5), scaled_size(40, 1.5), scaled_size(64, 1.5)) == (68, 104, 64, 96)
+    enc = create_model("random-init:levels=all,scales=1+1.5")
+    assert enc.scales == (1.0, 1.5) and enc.dim == 480 and enc.out_dim == 960
+    assert enc.name == "random-init:levels=all,scales=1+1.5"
+
+
+def test_scales_concatenate_each_scale_vector_in_order(cells):
+    """scales=1+1.5 = [vector of the plane as given, vector of the plane bilinearly resized to 104 px]."""
+    x = cells[:3, :1].astype(np.float32) / 255.0
+    both = Embedder("random-init:levels=all", device="cpu", precision="fp32", engine="torch", scales="1+1.5")
+    assert both.dim == 960
+    got = both.encode_planes(x[:, 0])
+    enc = create_model("random-init:levels=all")
+    with torch.no_grad():
+        t = torch.from_numpy(x)
+        big = torch.nn.functional.interpolate(t, size=(104, 104), mode="bilinear", align_corners=False)
+        ref = torch.cat([enc(t), enc(big)], dim=1).numpy()
+    np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-5)
+    # the 1.5x vector differs clearly from the 1x one: the second half is not a copy
+    assert np.abs(got[:, :480] - got[:, 480:]).max() > 1e-2
+
+
+def test_scales_with_d8_stay_invariant(cells):
+    x = cells[:, :, :, 4:]  # 68 x 64: the resize must follow H and W through the rotation
+    emb = Embedder("random-init:levels=all", device="cpu", precision="fp32", tta="d8", scales="1+1.5")
+    ref = emb.embed(x)
+    assert ref.shape == (6, 3 * 960)
+    for turn, flip in [(1, False), (3, True)]:
+        y = dihedral(torch.from_numpy(x.astype(np.float32)), turn, flip).numpy()
+        np.testing.assert_allclose(emb.embed(y), ref, rtol=1e-4, atol=1e-5)
+
+
+def test_scales_below_one_pad_small_planes_to_reach_the_minimum():
+    emb = Embedder("random-init", device="cpu", precision="fp32", scales="0.5")
+    assert emb.min_size == 32
+    with pytest.warns(UserWarning, match="32 px minimum were zero-padded"):
+        out = emb.embed(np.random.default_rng(0).random((2, 1, 20, 20)).astype(np.float32))
+    assert out.shape == (2, 256) and np.isfinite(out).all()
+
+
+def test_scales_round_trip_through_checkpoint_output_and_api(tmp_path, capsys, cells):
+    enc = create_model("random-init:scales=1+1.5")
+    ckpt = tmp_path / "m.safetensors"
+    save_checkpoint(ckpt, enc.state_dict(), enc.config)
+    back = create_model(str(ckpt))
+    assert back.scales == (1.0, 1.5) and back.out_dim == 512
+    np.save(tmp_path / "x.npy", cells[:4])
+    out = tmp_path / "out.parquet"
+    code, _, err = run_cli(["embed", tmp_path / "x.npy", "-o", out, "--model", ckpt, "--scales", "1+2",
+                            "--precision", "fp32", "--device", "cpu"], capsys)
+    assert code == 0, err
+    import pyarrow.parquet as pq
+
+    prov = json.loads(pq.read_schema(out).metadata[b"microsnoop"])
+    assert prov["model_config"]["scales"] == "1+2" and prov["model"].endswith(":scales=1+2")
+    table = pq.read_table(out)
+    assert sum(c.startswith("ch0_emb_") for c in table.column_names) == 512
+    import microsnoop
+
+    api = microsnoop.embed(cells[:4], model=str(ckpt), scales="1+2", device="cpu", precision="fp32")
+    feats = np.stack([table.column(c).to_numpy() for c in table.column_names if "_emb_" in c], 1)
+    np.testing.assert_allclose(feats, api, rtol=1e-5, atol=1e-6)
+    code, _, err = run_cli(["embed", tmp_path / "x.npy", "-o", tmp_path / "o2.parquet", "--model", ckpt,
+                            "--scales", "0"], capsys)
+    assert code == 2 and "scales '0'" in err and not (tmp_path / "o2.parquet").exists()

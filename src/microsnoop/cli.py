@@ -213,6 +213,7 @@ def embed(
     tta: Optional[str] = typer.Option(None, "--tta", help="Test-time augmentation: none | rot4 | d8 (average over 4 rotations / 8 rotations+flips: exactly invariant, 4x / 8x slower). Default: the model's head."),
     levels: Optional[str] = typer.Option(None, "--levels", help="U-Net models: encoder levels pooled: all | last | 1-3 | 2+3. Default: the model's head."),
     pool: Optional[str] = typer.Option(None, "--pool", help="U-Net models: mean | max | meanmax pooling of each level. Default: the model's head."),
+    scales: Optional[str] = typer.Option(None, "--scales", help="Input scale factors, vectors concatenated: 1 | 1+1.5 (as given and enlarged 1.5x: dim x 2, ~3.25x the compute). Default: the model's head."),
     engine: str = typer.Option(D.ENGINE, "--engine", help=HELP_ENGINE),
 ) -> None:
     """Embed images: every channel separately, vectors concatenated in channel order (the model's dim per channel)."""
@@ -234,9 +235,10 @@ def embed(
                       path_columns=_split(path_columns), channel_index=_int_list(channel_index, "--channel-index"),
                       metadata=metadata)
     emb = Embedder(model, device=device, precision=precision, batch_size=batch_size, threads=threads,
-                   tta=tta, levels=levels, pool=pool, engine=engine)
-    log.info("model %s (sha256 %s), device %s, precision %s, tta %s, engine %s", emb.encoder.name,
-             emb.encoder.sha256[:12], emb.device, emb.precision, emb.encoder.tta, emb.engine_choice)
+                   tta=tta, levels=levels, pool=pool, engine=engine, scales=scales)
+    log.info("model %s (sha256 %s), device %s, precision %s, tta %s, scales %s, engine %s", emb.encoder.name,
+             emb.encoder.sha256[:12], emb.device, emb.precision, emb.encoder.tta,
+             "+".join(f"{f:g}" for f in emb.encoder.scales), emb.engine_choice)
     prog, advance = progress_bar(len(src), "embedding")
     with prog:
         out = embed_source(src, output, fmt=fmt, chunk_size=chunk_size, resume=resume, overwrite=overwrite,

@@ -25,7 +25,7 @@ def embed_images(images: np.ndarray | Sequence[np.ndarray], model: Any = None, *
                  batch_size: int | None = defaults.BATCH_SIZE, device: str = defaults.DEVICE,
                  precision: str = defaults.PRECISION, tta: str | None = None, engine: str | None = defaults.ENGINE,
                  output: str = "array", metadata: pd.DataFrame | None = None,
-                 channel_names: Sequence[str] | None = None) -> Any:
+                 channel_names: Sequence[str] | None = None, scales: Any = None) -> Any:
     """Embed images in memory, every channel separately, vectors concatenated in channel order.
 
     Parameters
@@ -56,6 +56,9 @@ def embed_images(images: np.ndarray | Sequence[np.ndarray], model: Any = None, *
         get that prefix (pycytominer's convention). ``Metadata_Index`` (0..N-1) is added when absent.
     channel_names : sequence of str, optional
         Names of the C channels for the feature columns. Default: ``ch0``, ``ch1``, ...
+    scales : str or sequence of float, optional
+        Input scale factors, vectors concatenated (``"1+1.5"``: as given and enlarged 1.5x; dim x 2).
+        Default: the model's head.
 
     Returns
     -------
@@ -73,7 +76,8 @@ def embed_images(images: np.ndarray | Sequence[np.ndarray], model: Any = None, *
     if isinstance(images, np.ndarray) and images.ndim == 3:
         images = images[None]
     n = len(images)
-    emb = Embedder(model, device=device, precision=precision, batch_size=batch_size, tta=tta, engine=engine)
+    emb = Embedder(model, device=device, precision=precision, batch_size=batch_size, tta=tta, engine=engine,
+                   scales=scales)
     # the CLI's chunks: batches (and so bf16 kernels) see the same images either way
     blocks = [emb.embed(images[s:s + defaults.CHUNK_SIZE], offset=s) for s in range(0, n, defaults.CHUNK_SIZE)]
     x = np.concatenate(blocks, axis=0) if blocks else np.zeros((0, 0), np.float32)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import os
 import warnings
 from collections import defaultdict
@@ -124,13 +125,13 @@ class Embedder:
     def __init__(self, model: str | ChannelEncoder | None = None, device: str | torch.device = defaults.DEVICE,
                  precision: str = defaults.PRECISION, batch_size: int | None = defaults.BATCH_SIZE,
                  threads: int | None = None, tta: str | None = None, levels: Any = None, pool: str | None = None,
-                 engine: str | None = defaults.ENGINE):
+                 engine: str | None = defaults.ENGINE, scales: Any = None):
         self.engine_choice = check_engine(engine)  # options first: an unknown/uninstalled engine fails before loading
         self.device = resolve_device(device)
         if self.device.type == "cpu":
             configure_threads(threads)
         self.encoder = model if isinstance(model, ChannelEncoder) else create_model(model, device=self.device)
-        apply_head(self.encoder, levels=levels, pool=pool, tta=tta)  # head options override the model's
+        apply_head(self.encoder, levels=levels, pool=pool, tta=tta, scales=scales)  # head options override the model's
         self.encoder = self.encoder.to(self.device).eval()
         self.precision = resolve_precision(precision, self.device, bf16_validated(self.encoder))
         self.batch_size = None if batch_size is None else int(batch_size)
@@ -142,7 +143,14 @@ class Embedder:
 
     @property
     def dim(self) -> int:
-        return self.encoder.dim
+        """Features per channel: the encoder's dim x the head's number of scales."""
+        return self.encoder.out_dim
+
+    @property
+    def min_size(self) -> int:
+        """Smallest plane side embedded without zero-padding: the encoder's minimum, divided by the head's
+        smallest scale when that is below 1 (so every scaled copy still reaches the encoder's minimum)."""
+        return int(math.ceil(self.encoder.min_size / min(1.0, min(self.encoder.scales))))
 
     @property
     def module(self) -> torch.nn.Module:
@@ -152,8 +160,8 @@ class Embedder:
             self._engine = self._engine_for(self._module)
             if self._engine is not None:
                 self._module, self._autocast = self._engine, False
-            if self.encoder.tta != "none":
-                self._module = TTAModule(self._module, self.encoder.tta)
+            if self.encoder.tta != "none" or self.encoder.scales != (1.0,):
+                self._module = TTAModule(self._module, self.encoder.tta, self.encoder.scales)
         return self._module
 
     def _engine_for(self, module: torch.nn.Module) -> torch.nn.Module | None:
@@ -200,8 +208,9 @@ class Embedder:
 
     def encode_planes(self, planes: np.ndarray) -> np.ndarray:
         """(P, H, W) normalised float32 planes of one size -> (P, dim)."""
-        planes = pad_to_min(planes, self.encoder.min_size)
-        bs = self.batch_for(*planes.shape[-2:])
+        planes = pad_to_min(planes, self.min_size)
+        big = max(self.encoder.scales)  # the largest scale sets the pixels per forward pass
+        bs = self.batch_for(*(max(1, round(n * big)) for n in planes.shape[-2:]))
         out = np.empty((len(planes), self.dim), dtype=np.float32)
         module = self.module
         ctx = autocast(self.device, self.precision) if self._autocast else contextlib.nullcontext()
@@ -219,7 +228,7 @@ class Embedder:
                 offset: int = 0) -> "Prepared":
         """Validate and normalise a chunk (CPU, numpy): the part a loader thread can do ahead of compute."""
         name = name or (lambda i: f"image {i}")
-        min_size = self.encoder.min_size
+        min_size = self.min_size
         if isinstance(images, np.ndarray) and images.ndim == 4:
             n, c = images.shape[:2]
             check_finite(images, name, offset)

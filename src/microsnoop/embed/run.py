@@ -155,7 +155,7 @@ def embed_source(source: ImageSource, output: str | Path, *, model: str | None =
     d = dist.Dist(*shard) if shard is not None else dist.init(embedder.device)
     work = partial_dir(output)
     ranges = chunk_ranges(len(source), chunk_size)
-    head = {k: embedder.encoder.config.get(k) for k in ("levels", "pool", "tta") if k in getattr(embedder.encoder, "config", {})}
+    head = {k: embedder.encoder.config.get(k) for k in ("levels", "pool", "tta", "scales") if k in getattr(embedder.encoder, "config", {})}
     state = {"input": source.fingerprint(), "model_sha256": embedder.encoder.sha256, "model": embedder.encoder.name,
              "head": head,
              "chunk_size": chunk_size, "n_images": len(source), "channels": source.channel_names,

@@ -279,7 +279,7 @@ def run_benchmark(dataset_dirs: Sequence[str | Path], models: Sequence[str], rep
             continue
         enc = embedder.encoder
         devices_used.add(embedder.device.type)
-        model_info[enc.name] = {"sha256": enc.sha256, "dim_per_channel": int(enc.dim),
+        model_info[enc.name] = {"sha256": enc.sha256, "dim_per_channel": int(embedder.dim),
                                 "trained": bool(getattr(enc.spec, "trained", True)) if enc.spec else True,
                                 "weights": (enc.spec.extra.get("weights") if enc.spec else None) or "learned",
                                 "description": enc.spec.description if enc.spec else "checkpoint " + str(model)}

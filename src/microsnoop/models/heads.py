@@ -8,6 +8,13 @@ was made. Any registered model takes head options after a colon, e.g.
 Why TTA exists: cells have no canonical orientation, so averaging the vector over the 8 rotations and
 flips of a plane (``d8``; ``rot4`` = the 4 rotations) gives a vector that is exactly invariant to them,
 at 8x (4x) the cost. Trained-in invariance (``microsnoop-unet-v2``) is the fast way to the same goal.
+
+Why ``scales`` exists: a convolutional encoder sees structure at the sizes its receptive fields were
+trained on, and microscopy comes at any magnification. ``scales=1+1.5`` embeds each plane as given and
+bilinearly enlarged 1.5x and concatenates the two vectors (dim x 2, cost 1 + 1.5^2 = 3.25x): the encoder
+then also sees fine texture (puncta, organelles) at the size of its mid-level receptive fields. A factor
+of 1 leaves the plane unchanged; any other factor resizes it to the multiple of 8 px nearest to
+factor x size (the encoder's three 2x poolings then divide it evenly). TTA, when set, runs at each scale.
 """
 from __future__ import annotations
 
@@ -17,7 +24,8 @@ import torch
 
 from ..core.errors import MicrosnoopError
 
-HEAD_KEYS = ("levels", "pool", "tta")
+HEAD_KEYS = ("levels", "pool", "tta", "scales")
+MIN_SCALE, MAX_SCALE, MAX_SCALES = 0.25, 4.0, 4
 POOLS = ("mean", "max", "meanmax")
 # (number of 90-degree rotations, horizontal flip after rotating)
 TTA_MODES: dict[str, tuple[tuple[int, bool], ...]] = {
@@ -95,6 +103,56 @@ def pool_levels(feats: Sequence[torch.Tensor], levels: Sequence[int], pool: str)
     return out[0] if len(out) == 1 else torch.cat(out, dim=1)
 
 
+def parse_scales(value: Any) -> tuple[float, ...]:
+    """Input scale factors of a head, in concatenation order.
+
+    Parameters
+    ----------
+    value : str, float or sequence of float
+        ``"1"``, ``"1+1.5"`` (``+``-joined), a number or a list; ``None`` or ``""`` means ``(1.0,)``.
+
+    Returns
+    -------
+    tuple of float
+        Distinct factors in [0.25, 4], at most 4 of them.
+    """
+    if value is None or (isinstance(value, str) and not value.strip()):
+        return (1.0,)
+    try:
+        if isinstance(value, str):
+            items = [float(p) for p in value.replace(",", "+").split("+")]
+        elif isinstance(value, (int, float)):
+            items = [float(value)]
+        else:
+            items = [float(p) for p in value]
+    except ValueError:
+        raise MicrosnoopError(f"scales '{value}': use a factor like 1.5 or a +-joined list like 1+1.5") from None
+    if not items or len(items) > MAX_SCALES or len(set(items)) != len(items) \
+            or not all(MIN_SCALE <= f <= MAX_SCALE for f in items):
+        raise MicrosnoopError(f"scales '{value}': 1 to {MAX_SCALES} distinct factors between {MIN_SCALE} and {MAX_SCALE}")
+    return tuple(items)
+
+
+def format_scales(scales: Sequence[float]) -> str:
+    """``(1.0, 1.5)`` -> ``"1+1.5"`` (the form written in names, headers and provenance)."""
+    return "+".join(f"{f:g}" for f in scales)
+
+
+def scaled_size(n: int, factor: float) -> int:
+    """Side length of a plane of ``n`` px embedded at ``factor``: unchanged at 1, else the nearest multiple of 8."""
+    return n if factor == 1.0 else max(8, int(round(n * factor / 8)) * 8)
+
+
+def rescale(x: torch.Tensor, factor: float) -> torch.Tensor:
+    """Bilinear resize of (B, C, H, W) by ``factor`` (see ``scaled_size``), keeping the dtype."""
+    h, w = x.shape[-2:]
+    size = (scaled_size(h, factor), scaled_size(w, factor))
+    if size == (h, w):
+        return x
+    y = torch.nn.functional.interpolate(x.float(), size=size, mode="bilinear", align_corners=False, antialias=factor < 1)
+    return y.to(x.dtype).contiguous(memory_format=torch.channels_last)
+
+
 def dihedral(x: torch.Tensor, k: int, flip: bool) -> torch.Tensor:
     """Rotate (B, C, H, W) by ``k`` quarter turns, then flip left-right when ``flip``."""
     x = torch.rot90(x, k, dims=(-2, -1)) if k % 4 else x
@@ -113,15 +171,22 @@ def tta_average(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, tta
     return total / len(transforms)
 
 
-class TTAModule(torch.nn.Module):
-    """Wraps an embedding module so its output is the TTA average (the engine runs this)."""
+def multiscale(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, tta: str,
+               scales: Sequence[float] = (1.0,)) -> torch.Tensor:
+    """``fn``'s TTA-averaged vector at each input scale, concatenated in the order of ``scales``."""
+    outs = [tta_average(fn, rescale(x, f), tta) for f in scales]
+    return outs[0] if len(outs) == 1 else torch.cat([o.float() for o in outs], dim=1)
 
-    def __init__(self, module: torch.nn.Module, tta: str):
+
+class TTAModule(torch.nn.Module):
+    """Wraps an embedding module so its output is the TTA average at each scale (the engine runs this)."""
+
+    def __init__(self, module: torch.nn.Module, tta: str, scales: Sequence[float] = (1.0,)):
         super().__init__()
-        self.inner, self.tta = module, check_tta(tta)
+        self.inner, self.tta, self.scales = module, check_tta(tta), tuple(scales)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return tta_average(self.inner, x, self.tta)
+        return multiscale(self.inner, x, self.tta, self.scales)
 
 
 def split_head_options(name: str) -> tuple[str, dict[str, str]]:

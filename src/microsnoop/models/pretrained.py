@@ -3,7 +3,8 @@
 Each entry records the file's sha256 (checked on every load), licence, training data and model card.
 All were trained here by ``microsnoop train`` on the pretraining pool only, never on benchmark images
 (v1 and earlier: the mae-unet recipe; v2: distill-unet); see ``models/cards/<name>.md`` for command,
-steps and benchmark table.
+steps and benchmark table. An entry may reuse another's weight file with its own head (``v2-ms`` = v2's
+weights, ``scales=1+1.5``): a new name, so a name's vectors never change meaning between versions.
 """
 from __future__ import annotations
 
@@ -28,9 +29,20 @@ class Shipped:
     training_data: str = POOL
     input_size: str = "any (>=16 px; trained on 96 px crops)"
     head: str = "levels=last,pool=mean,tta=none (256)"
+    weights: str | None = None  # file stem under models/weights/ when another entry's file is reused
+    head_config: tuple[tuple[str, str], ...] = ()  # head keys this entry sets on top of the checkpoint's
 
 
 SHIPPED = (
+    Shipped("microsnoop-unet-v2-ms", "03177336832978401618cd7614ae90ca93b06eec017d54373122907241d88612",
+            "microsnoop-unet-v2's weights with a two-scale head: each plane is embedded as given and enlarged 1.5x "
+            "(bilinear) and the two 512-feature vectors are concatenated, so fine texture also reaches the "
+            "encoder's mid-level receptive fields; 1,024 features per channel, ~3.25x v2's compute",
+            "BSD-3-Clause (derived from Cellpose weights; EfficientNet-Lite0 teacher Apache-2.0); training images under "
+            "their sources' licences",
+            default=True, training_data=POOL_V2, input_size="any (>=16 px; trained on 64 px crops)",
+            head="levels=all,pool=mean -> 2 x 256 projections, tta=none, scales=1+1.5 (1024)",
+            weights="microsnoop-unet-v2", head_config=(("scales", "1+1.5"),)),
     Shipped("microsnoop-unet-v2", "03177336832978401618cd7614ae90ca93b06eec017d54373122907241d88612",
             "Microsnoop U-Net encoder (Cellpose-initialised) distilled on CPU from two frozen teachers' d8-averaged "
             "features (Cellpose encoder, all 4 levels pooled; ImageNet EfficientNet-Lite0) with rotation/flip/intensity "
@@ -61,10 +73,13 @@ SHIPPED = (
 
 def _builder(entry: Shipped):
     def build(pretrained: bool = True) -> ChannelEncoder:
-        path = WEIGHTS_DIR / f"{entry.name}.safetensors"
+        path = WEIGHTS_DIR / f"{entry.weights or entry.name}.safetensors"
         if not path.exists():
             raise MicrosnoopError(f"weights of '{entry.name}' are missing from the installed package", path)
-        return build_from_checkpoint(path, entry.sha256, entry.name, pretrained=pretrained)
+        enc = build_from_checkpoint(path, entry.sha256, entry.name, pretrained=pretrained)
+        if entry.head_config:  # the entry's own head, kept under its name (no ':key=value' suffix)
+            enc.config = {**enc.config, **dict(entry.head_config)}
+        return enc
     return build
 
 

@@ -44,6 +44,18 @@ class ChannelEncoder(nn.Module):
         """Test-time augmentation of this model's head (``none``, ``rot4``, ``d8``), run by the engine."""
         return getattr(self, "config", {}).get("tta", "none")
 
+    @property
+    def scales(self) -> tuple[float, ...]:
+        """Input scale factors of this model's head (vectors concatenated in this order), run by the engine."""
+        from .heads import parse_scales
+
+        return parse_scales(getattr(self, "config", {}).get("scales"))
+
+    @property
+    def out_dim(self) -> int:
+        """Features per channel with the head's scales: ``dim`` x the number of scales."""
+        return int(self.dim) * len(self.scales)
+
     def set_head(self, levels: Any = None, pool: str | None = None, tta: str | None = None) -> None:
         """Set the embedding head; encoders without a choice of levels or pooling take only ``tta``."""
         from .heads import check_tta
@@ -160,7 +172,7 @@ def create_model(name: str | Path | None = None, pretrained: bool = True, device
         (``handcrafted``) refuse False.
     device : str or torch.device
     **head
-        ``levels``, ``pool``, ``tta``: override the model's embedding head (see ``models/heads.py``).
+        ``levels``, ``pool``, ``tta``, ``scales``: override the model's embedding head (see ``models/heads.py``).
 
     Returns
     -------
@@ -181,9 +193,17 @@ def create_model(name: str | Path | None = None, pretrained: bool = True, device
 def apply_head(enc: ChannelEncoder, **head: Any) -> ChannelEncoder:
     """Set head options that are not ``None`` and add them to the model's name, which then says which
     head made the vectors (benchmark tables, caches, provenance)."""
+    from .heads import format_scales, parse_scales
+
     head = {k: v for k, v in head.items() if v is not None}
+    if "scales" in head:  # every encoder takes scales: the engine resizes its input
+        head["scales"] = format_scales(parse_scales(head["scales"]))
     if head:
-        enc.set_head(**head)
+        rest = {k: v for k, v in head.items() if k != "scales"}
+        if rest:
+            enc.set_head(**rest)
+        if "scales" in head:
+            enc.config = {**getattr(enc, "config", {}), "scales": head["scales"]}
         base, old = enc.name.split(":", 1) if ":" in enc.name and "=" in enc.name.rsplit(":", 1)[1] else (enc.name, "")
         merged = dict(p.split("=", 1) for p in old.split(",") if "=" in p)
         merged.update({k: str(v) for k, v in head.items()})
