@@ -24,7 +24,7 @@ from ..core.errors import MicrosnoopError, MicrosnoopWarning
 from ..io.images import MAX_ABS_PIXEL, MIN_SIDE
 from ..models import ChannelEncoder, create_model
 from ..models.registry import apply_head
-from ..models.heads import TTAModule
+from ..models.heads import TTAModule, rescale, scaled_size
 from . import defaults
 from .backends import check_engine, engine_module
 from .fused import FusedUNetEncoder, fast_module
@@ -160,8 +160,8 @@ class Embedder:
             self._engine = self._engine_for(self._module)
             if self._engine is not None:
                 self._module, self._autocast = self._engine, False
-            if self.encoder.tta != "none" or self.encoder.scales != (1.0,):
-                self._module = TTAModule(self._module, self.encoder.tta, self.encoder.scales)
+            if self.encoder.tta != "none":  # scales are run by encode_planes, one scale at a time
+                self._module = TTAModule(self._module, self.encoder.tta)
         return self._module
 
     def _engine_for(self, module: torch.nn.Module) -> torch.nn.Module | None:
@@ -207,21 +207,26 @@ class Embedder:
         return int(min(MAX_AUTO_BATCH, max(1, pixels // (h * w))))
 
     def encode_planes(self, planes: np.ndarray) -> np.ndarray:
-        """(P, H, W) normalised float32 planes of one size -> (P, dim)."""
+        """(P, H, W) normalised float32 planes of one size -> (P, dim).
+
+        With several head scales, all planes go through the encoder at one scale, then at the next (each
+        scale with its own batch size), so an engine keeps one input shape per run of batches."""
         planes = pad_to_min(planes, self.min_size)
-        big = max(self.encoder.scales)  # the largest scale sets the pixels per forward pass
-        bs = self.batch_for(*(max(1, round(n * big)) for n in planes.shape[-2:]))
         out = np.empty((len(planes), self.dim), dtype=np.float32)
         module = self.module
         ctx = autocast(self.device, self.precision) if self._autocast else contextlib.nullcontext()
         dtype = next(module.parameters()).dtype if any(True for _ in module.parameters()) else torch.float32
+        d = self.encoder.dim
         with torch.inference_mode(), ctx:
-            for s in range(0, len(planes), bs):
-                x = torch.from_numpy(np.ascontiguousarray(planes[s:s + bs]))[:, None]
-                x = x.to(self.device, non_blocking=True).contiguous(memory_format=torch.channels_last)
-                if dtype in (torch.bfloat16, torch.float16):
-                    x = x.to(dtype)
-                out[s:s + len(x)] = module(x).float().cpu().numpy()
+            for j, factor in enumerate(self.encoder.scales):
+                bs = self.batch_for(*(scaled_size(n, factor) for n in planes.shape[-2:]))
+                for s in range(0, len(planes), bs):
+                    x = torch.from_numpy(np.ascontiguousarray(planes[s:s + bs]))[:, None]
+                    x = rescale(x.to(self.device, non_blocking=True).contiguous(memory_format=torch.channels_last),
+                                factor)
+                    if dtype in (torch.bfloat16, torch.float16):
+                        x = x.to(dtype)
+                    out[s:s + len(x), j * d:(j + 1) * d] = module(x).float().cpu().numpy()
         return out
 
     def prepare(self, images: np.ndarray | Sequence[np.ndarray], name: Callable[[int], str] | None = None,
