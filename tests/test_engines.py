@@ -85,7 +85,7 @@ def test_openvino_matches_fp32_and_knn_scores_on_bbbc021(bbbc021):
     for proto in [p for p in info["protocols"] if p["name"] == "knn"]:
         a = run_protocol(ref, meta, proto, info["label"]).accuracy
         b = run_protocol(got, meta, proto, info["label"]).accuracy
-        assert abs(a - b) <= 0.005, (proto, a, b)
+        assert abs(a - b) <= 0.005 + 1e-9, (proto, a, b)  # 0.005 = 3 of the 600 cells (1e-9: float rounding)
 
 
 @needs_openvino
