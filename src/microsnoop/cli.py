@@ -258,7 +258,7 @@ def models() -> None:
     """List registered models: licence, training data, input size, default head, sha256."""
     from .models import default_model_name, list_models
 
-    table = Table(title="microsnoop models (head options: NAME:levels=all,tta=d8 or embed --levels/--tta)")
+    table = Table(title="microsnoop models (head options: NAME:levels=all,tta=d8,scales=1+1.5 or embed --levels/--tta/--scales)")
     for col in ("name", "trained on", "input size", "head", "licence", "sha256"):
         table.add_column(col, overflow="fold")
     default = default_model_name()

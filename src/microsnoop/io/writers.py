@@ -34,8 +34,10 @@ _FEATURE = re.compile(r".+_emb_\d+$")
 
 
 def feature_columns(channel_names: list[str], dim: int) -> list[str]:
-    """``DNA_emb_000`` ...: the channel a feature came from is always in its name."""
-    return [f"{ch}{EMB_TOKEN}{j:03d}" for ch in channel_names for j in range(dim)]
+    """``DNA_emb_000`` ...: the channel a feature came from is always in its name. Numbers have 3 digits,
+    or 4 from 1,000 features per channel on (``DNA_emb_0000`` ... ``DNA_emb_1023``), so names sort in order."""
+    width = max(3, len(str(dim - 1)))
+    return [f"{ch}{EMB_TOKEN}{j:0{width}d}" for ch in channel_names for j in range(dim)]
 
 
 def is_feature_column(name: str) -> bool:
