@@ -214,6 +214,12 @@ def load_peers(path: Path = PEERS_PATH) -> dict[str, Any]:
     return json.loads(path.read_text()) if path.exists() else {"methods": []}
 
 
+def stale_status(status: str, why: str) -> str:
+    """Status of a peer entry that could not be re-measured: keeps when it was last measured, says why not now."""
+    last = status.split(" (", 1)[0] if status.startswith("measured ") else "recorded"
+    return f"{last} (not re-run {_dt.date.today().isoformat()}: {why})"
+
+
 def benchmark_peers(peers: dict[str, Any], sets: Sequence[Path], report_dir: Path, device: str, precision: str) -> None:
     """Re-score every peer checkpoint that is present (and unchanged) on the single-cell sets; update in place."""
     from microsnoop.core.hashing import sha256_file
@@ -225,7 +231,8 @@ def benchmark_peers(peers: dict[str, Any], sets: Sequence[Path], report_dir: Pat
     for entry in peers["methods"]:
         path = REPO_ROOT / entry["checkpoint"] if not Path(entry["checkpoint"]).is_absolute() else Path(entry["checkpoint"])
         if not path.exists() or sha256_file(path) != entry["sha256"]:
-            entry["status"] = "recorded (checkpoint not on this machine)" if not path.exists() else "recorded (checkpoint changed)"
+            why = "checkpoint not on this machine" if not path.exists() else "checkpoint changed"
+            entry["status"] = stale_status(entry.get("status", ""), why)
             continue
         run, _ = benchmark_and_report(cells, [str(path)], report_dir / "peers", plot="none", device=device,
                                       precision=precision, notify=lambda m: print(m, file=sys.stderr))

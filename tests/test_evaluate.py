@@ -308,3 +308,16 @@ def test_compare_counts_sets_won_or_tied_within_tolerance():
     (row,) = compare(recs, "new", ["base"], tol=0.005)
     assert row["diff"] == pytest.approx({"A": -0.005, "B": -0.004, "C": -0.05})
     assert row["wins_or_ties"] == 2 and row["n_sets"] == 3   # A ties at exactly -tol, B within, C loses
+
+
+def test_peer_status_keeps_last_measurement_when_checkpoint_is_absent(refresh_module):
+    """A refresh on a machine without a peer's checkpoint says so without losing when it was measured."""
+    import datetime
+
+    today = datetime.date.today().isoformat()
+    got = refresh_module.stale_status("measured 2026-12-02 02:42 UTC", "checkpoint not on this machine")
+    assert got == f"measured 2026-12-02 02:42 UTC (not re-run {today}: checkpoint not on this machine)"
+    # a second stale refresh replaces the old note instead of stacking notes
+    assert refresh_module.stale_status(got, "checkpoint changed") == \
+        f"measured 2026-12-02 02:42 UTC (not re-run {today}: checkpoint changed)"
+    assert refresh_module.stale_status("", "checkpoint changed") == f"recorded (not re-run {today}: checkpoint changed)"

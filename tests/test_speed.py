@@ -48,19 +48,21 @@ def test_bf16_within_cosine_0999_of_fp32_on_real_images(encoder, real_sets):
     fp32 = Embedder(encoder, device="cpu", precision="fp32")
     bf16 = Embedder(encoder, device="cpu", precision="bf16")
     for name, imgs in real_sets.items():
-        cos = _per_channel_cosine(fp32.embed(imgs), bf16.embed(imgs), encoder.dim)
+        cos = _per_channel_cosine(fp32.embed(imgs), bf16.embed(imgs), encoder.out_dim)
         assert cos.min() >= 0.999, (encoder.name, name, cos.min())
 
 
 def test_folded_fp32_matches_reference_encoder(encoder, real_sets):
-    """BN folding is exact algebra: fp32 fast path == the plain module forward (real BN stats for Cellpose)."""
+    """BN folding is exact algebra: fp32 fast path == the plain module forward (real BN stats for Cellpose);
+    with the default model's two scales, == the plain forward at each scale, concatenated."""
     from microsnoop.io.normalize import normalize_percentile
+    from microsnoop.models.heads import multiscale
 
     imgs = real_sets["bbbc021"]
     got = Embedder(encoder, device="cpu", precision="fp32").embed(imgs)
     planes = torch.from_numpy(normalize_percentile(imgs).reshape(-1, 1, 68, 68))
     with torch.no_grad():
-        ref = encoder(planes).numpy().reshape(len(imgs), -1)
+        ref = multiscale(encoder, planes, "none", encoder.scales).numpy().reshape(len(imgs), -1)
     assert np.abs(got - ref).max() < 1e-4 * max(1.0, np.abs(ref).max())
 
 
