@@ -86,6 +86,23 @@ def test_distilled_encoder_fused_and_checkpoint_round_trip(tmp_path):
         back.set_head(levels="last")
 
 
+def embed_cli_and_api(ckpt, cells, tmp_path, capsys, option: str, value: str):
+    """Embed 4 cells with ``--option value`` by the CLI and the API: (provenance, CLI features, API features)."""
+    import pyarrow.parquet as pq
+    import microsnoop
+
+    np.save(tmp_path / "x.npy", cells[:4])
+    out = tmp_path / "out.parquet"
+    code, _, err = run_cli(["embed", tmp_path / "x.npy", "-o", out, "--model", ckpt, f"--{option}", value,
+                            "--precision", "fp32", "--device", "cpu"], capsys)
+    assert code == 0, err
+    prov = json.loads(pq.read_schema(out).metadata[b"microsnoop"])
+    table = pq.read_table(out)
+    feats = np.stack([table.column(c).to_numpy() for c in table.column_names if "_emb_" in c], 1)
+    api = microsnoop.embed(cells[:4], model=str(ckpt), device="cpu", precision="fp32", **{option: value})
+    return prov, feats, api
+
+
 def test_head_round_trips_through_checkpoint_and_output(tmp_path, capsys, cells):
     """Head config saved in a checkpoint header comes back on load and lands in the output's provenance."""
     enc = create_model("random-init:levels=all,tta=rot4")
@@ -93,24 +110,11 @@ def test_head_round_trips_through_checkpoint_and_output(tmp_path, capsys, cells)
     save_checkpoint(ckpt, enc.state_dict(), enc.config)
     back = create_model(str(ckpt))
     assert (back.config["levels"], back.config["pool"], back.tta, back.dim) == ([0, 1, 2, 3], "mean", "rot4", 480)
-    np.save(tmp_path / "x.npy", cells[:4])
-    out = tmp_path / "out.parquet"
-    code, _, err = run_cli(["embed", tmp_path / "x.npy", "-o", out, "--model", ckpt, "--tta", "d8",
-                            "--precision", "fp32", "--device", "cpu"], capsys)
-    assert code == 0, err
-    import pyarrow.parquet as pq
-
-    prov = json.loads(pq.read_schema(out).metadata[b"microsnoop"])
+    prov, feats, api = embed_cli_and_api(ckpt, cells, tmp_path, capsys, "tta", "d8")
     cfg = prov["model_config"]
     assert (cfg["levels"], cfg["pool"], cfg["tta"]) == ([0, 1, 2, 3], "mean", "d8")
-    table = pq.read_table(out)
-    assert sum(c.startswith("ch0_emb_") for c in table.column_names) == 480
-    # the API with the same options gives the same vectors as the CLI
-    import microsnoop
-
-    api = microsnoop.embed(cells[:4], model=str(ckpt), tta="d8", device="cpu", precision="fp32")
-    feats = np.stack([table.column(c).to_numpy() for c in table.column_names if "_emb_" in c], 1)
-    np.testing.assert_allclose(feats, api, rtol=1e-5, atol=1e-6)
+    assert feats.shape == (4, 3 * 480) and prov["channel_features"]["ch0"] == ["ch0_emb_000", "ch0_emb_479"]
+    np.testing.assert_allclose(feats, api, rtol=1e-5, atol=1e-6)  # the API with the same options == the CLI
     code, _, err = run_cli(["embed", tmp_path / "x.npy", "-o", tmp_path / "o2.parquet", "--model", ckpt,
                             "--tta", "d4"], capsys)
     assert code == 2 and "unknown test-time augmentation 'd4'" in err
@@ -169,21 +173,9 @@ def test_scales_round_trip_through_checkpoint_output_and_api(tmp_path, capsys, c
     save_checkpoint(ckpt, enc.state_dict(), enc.config)
     back = create_model(str(ckpt))
     assert back.scales == (1.0, 1.5) and back.out_dim == 512
-    np.save(tmp_path / "x.npy", cells[:4])
-    out = tmp_path / "out.parquet"
-    code, _, err = run_cli(["embed", tmp_path / "x.npy", "-o", out, "--model", ckpt, "--scales", "1+2",
-                            "--precision", "fp32", "--device", "cpu"], capsys)
-    assert code == 0, err
-    import pyarrow.parquet as pq
-
-    prov = json.loads(pq.read_schema(out).metadata[b"microsnoop"])
+    prov, feats, api = embed_cli_and_api(ckpt, cells, tmp_path, capsys, "scales", "1+2")
     assert prov["model_config"]["scales"] == "1+2" and prov["model"].endswith(":scales=1+2")
-    table = pq.read_table(out)
-    assert sum(c.startswith("ch0_emb_") for c in table.column_names) == 512
-    import microsnoop
-
-    api = microsnoop.embed(cells[:4], model=str(ckpt), scales="1+2", device="cpu", precision="fp32")
-    feats = np.stack([table.column(c).to_numpy() for c in table.column_names if "_emb_" in c], 1)
+    assert feats.shape == (4, 3 * 512) and prov["channel_features"]["ch0"] == ["ch0_emb_000", "ch0_emb_511"]
     np.testing.assert_allclose(feats, api, rtol=1e-5, atol=1e-6)
     code, _, err = run_cli(["embed", tmp_path / "x.npy", "-o", tmp_path / "o2.parquet", "--model", ckpt,
                             "--scales", "0"], capsys)
