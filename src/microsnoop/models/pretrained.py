@@ -40,7 +40,7 @@ SHIPPED = (
             "encoder's mid-level receptive fields; 1,024 features per channel, ~3.25x v2's compute",
             "BSD-3-Clause (derived from Cellpose weights; EfficientNet-Lite0 teacher Apache-2.0); training images under "
             "their sources' licences",
-            default=True, training_data=POOL_V2, input_size="any (>=16 px; trained on 64 px crops)",
+            default=False, training_data=POOL_V2, input_size="any (>=16 px; trained on 64 px crops)",
             head="levels=all,pool=mean -> 2 x 256 projections, tta=none, scales=1+1.5 (1024)",
             weights="microsnoop-unet-v2", head_config=(("scales", "1+1.5"),)),
     Shipped("microsnoop-unet-v2", "03177336832978401618cd7614ae90ca93b06eec017d54373122907241d88612",
