@@ -225,6 +225,7 @@ def embed(
     from .embed import Embedder, embed_source
     from .embed.backends import check_engine
     from .io import open_source
+    from .models.heads import format_scales
 
     from .io.writers import format_for
 
@@ -238,7 +239,7 @@ def embed(
                    tta=tta, levels=levels, pool=pool, engine=engine, scales=scales)
     log.info("model %s (sha256 %s), device %s, precision %s, tta %s, scales %s, engine %s", emb.encoder.name,
              emb.encoder.sha256[:12], emb.device, emb.precision, emb.encoder.tta,
-             "+".join(f"{f:g}" for f in emb.encoder.scales), emb.engine_choice)
+             format_scales(emb.encoder.scales), emb.engine_choice)
     prog, advance = progress_bar(len(src), "embedding")
     with prog:
         out = embed_source(src, output, fmt=fmt, chunk_size=chunk_size, resume=resume, overwrite=overwrite,

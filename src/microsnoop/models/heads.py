@@ -179,14 +179,15 @@ def multiscale(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, tta:
 
 
 class TTAModule(torch.nn.Module):
-    """Wraps an embedding module so its output is the TTA average at each scale (the engine runs this)."""
+    """Wraps an embedding module so its output is the TTA average (the engine runs this; the engine runs
+    the scales itself, one at a time, as ``multiscale`` defines them)."""
 
-    def __init__(self, module: torch.nn.Module, tta: str, scales: Sequence[float] = (1.0,)):
+    def __init__(self, module: torch.nn.Module, tta: str):
         super().__init__()
-        self.inner, self.tta, self.scales = module, check_tta(tta), tuple(scales)
+        self.inner, self.tta = module, check_tta(tta)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return multiscale(self.inner, x, self.tta, self.scales)
+        return tta_average(self.inner, x, self.tta)
 
 
 def split_head_options(name: str) -> tuple[str, dict[str, str]]:
