@@ -225,13 +225,15 @@ def embed(
     from .embed import Embedder, embed_source
     from .embed.backends import check_engine
     from .io import open_source
-    from .models.heads import format_scales
+    from .models.heads import format_scales, parse_scales
 
     from .io.writers import format_for
 
     format_for(output, fmt)
     _check_out(output)
     check_engine(engine)  # options before reading anything
+    if scales is not None:
+        parse_scales(scales)
     src = open_source(input, channels=_split(channels), channel_names=_split(channel_names),
                       path_columns=_split(path_columns), channel_index=_int_list(channel_index, "--channel-index"),
                       metadata=metadata)
