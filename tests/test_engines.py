@@ -88,6 +88,38 @@ def test_openvino_matches_fp32_and_knn_scores_on_bbbc021(bbbc021):
         assert abs(a - b) <= 0.005 + 1e-9, (proto, a, b)  # 0.005 = 3 of the 600 cells (1e-9: float rounding)
 
 
+SIGNAL_AFTER_ENGINES = """
+import gc, os, signal, sys
+import numpy as np
+from microsnoop.embed import Embedder
+cells = np.array(np.load(sys.argv[1], mmap_mode="r")[:4, :1])
+emb = Embedder("random-init", device="cpu", precision="bf16", engine="openvino", scales="1+1.5")
+emb.embed(cells)  # two input shapes: two compiled models
+assert emb.engine == "openvino", emb.engine
+del emb
+gc.collect()
+got = []
+signal.signal(signal.SIGUSR1, lambda *a: got.append(1))  # Python handlers run on the alternate stack
+os.kill(os.getpid(), signal.SIGUSR1)
+print("handled", len(got))
+"""
+
+
+@needs_openvino
+def test_signals_still_work_after_openvino_engines_are_released(yeast, tmp_path):
+    """Each OpenVINO Core swaps in a signal alternate stack and unmaps it when released; with one Core per shape
+    the thread was left on unmapped memory and the next signal (a DataLoader's SIGCHLD, Ctrl-C) was a SIGSEGV."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "MICROSNOOP_CACHE": str(tmp_path / "cache")}
+    res = subprocess.run([sys.executable, "-c", SIGNAL_AFTER_ENGINES, str(yeast / "images.npy")], env=env,
+                         capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, (res.returncode, res.stderr[-2000:])
+    assert res.stdout.strip().endswith("handled 1"), res.stdout
+
+
 @needs_openvino
 @pytest.mark.parametrize("head", [{"levels": "all", "pool": "meanmax"}, {"tta": "d8"}])
 def test_openvino_reproduces_heads_and_tta(yeast, head):

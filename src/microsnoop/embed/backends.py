@@ -20,6 +20,7 @@ keyed by the sha256 of the module's weights (which covers the model and its proj
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib.util
 import io
@@ -135,6 +136,21 @@ def _atomic_dir(final: Path, write: Callable[[Path], None]) -> Path:
     return final
 
 
+@functools.cache
+def _openvino_core():
+    """The process's one OpenVINO Core, kept until exit.
+
+    Why one: each Core's CPU plugin swaps in its own signal alternate stack on the thread that loads it and
+    unmaps it when the Core dies, restoring the previous stack only if its own is still current. Two Cores
+    released in the order they were made (an engine per input shape) leave the thread's alternate stack pointing
+    at unmapped memory, and the next Python-handled signal (SIGCHLD from a DataLoader worker, Ctrl-C) kills the
+    process with SIGSEGV. One Core also loads the plugin once instead of once per shape.
+    """
+    import openvino as ov
+
+    return ov.Core()
+
+
 def _openvino_compile(module: torch.nn.Module, example: torch.Tensor, entry: Path, precision: str,
                       threads: int, dynamic: tuple[int, ...]) -> Callable[[np.ndarray], list[np.ndarray]]:
     import openvino as ov
@@ -147,7 +163,7 @@ def _openvino_compile(module: torch.nn.Module, example: torch.Tensor, entry: Pat
         ov.save_model(model, folder / "model.xml", compress_to_fp16=False)
 
     _atomic_dir(entry, write)
-    core = ov.Core()
+    core = _openvino_core()
     config = {"INFERENCE_PRECISION_HINT": "bf16" if precision == "bf16" else "f32",
               "INFERENCE_NUM_THREADS": int(threads), "PERFORMANCE_HINT": "LATENCY", "NUM_STREAMS": 1,
               "CACHE_DIR": str(entry / "compiled")}  # OpenVINO's own blob cache: later runs skip compiling
