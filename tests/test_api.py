@@ -49,7 +49,7 @@ def test_api_and_cli_give_identical_vectors_with_default_options(bbbc021_16, tmp
     df = microsnoop.read_embeddings(out)
     cli_x = df[microsnoop.feature_columns(df)].to_numpy()
     api_x = microsnoop.embed(np.load(bbbc021_16 / "images.npy"))
-    assert api_x.shape == cli_x.shape == (16, 3 * 512)
+    assert api_x.shape == cli_x.shape == (16, 3 * 1024)
     assert np.array_equal(api_x, cli_x)
     # both resolved the same precision from the shared default (bf16 on CPUs with native bf16, else fp32)
     assert df.attrs["microsnoop"]["precision"] in ("bf16", "fp32")

@@ -278,6 +278,8 @@ def test_missing_baseline_package_says_how_to_install(monkeypatch):
 
 
 def test_refresh_writes_docs_page_with_every_given_model(bbbc021_small, tmp_path, monkeypatch, refresh_module):
+    from microsnoop.models import default_model_name
+
     refresh = refresh_module
 
     data = tmp_path / "data"
@@ -285,13 +287,14 @@ def test_refresh_writes_docs_page_with_every_given_model(bbbc021_small, tmp_path
     shutil.copytree(bbbc021_small, data / "benchmarks" / "bbbc021_small")
     monkeypatch.setitem(sys.modules, "efficientnet_lite_pytorch", None)  # a registered model whose package is missing
     docs = tmp_path / "docs" / "benchmarks.md"
+    default = default_model_name()
     assert refresh.main(["--data", str(data), "--model", "handcrafted", "--model", "imagenet-effnet-lite0",
-                         "--model", "microsnoop-unet-v2", "--report-dir", str(tmp_path / "rep"), "--docs", str(docs),
+                         "--model", default, "--report-dir", str(tmp_path / "rep"), "--docs", str(docs),
                          "--plot", "none"]) == 0
     text = docs.read_text()
     assert "## bbbc021_small" in text and "| handcrafted |" in text
     head_to_head = text.split("## Default model against the others", 1)[1].split("\n## ", 1)[0]
-    assert "| microsnoop-unet-v2 minus | bbbc021_small |" in head_to_head
+    assert f"| {default} minus | bbbc021_small |" in head_to_head
     assert "| handcrafted | " in head_to_head and "/ 1 |" in head_to_head
     assert "imagenet-effnet-lite0" in text and "microsnoop[baselines]" in text  # listed as not run, with the hint
     assert "python benchmarks/refresh.py" in text and "microsnoop compare REPORT/report.json" in text

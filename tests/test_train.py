@@ -122,8 +122,8 @@ def test_shipped_models_load_verified_and_default_is_trained():
     from microsnoop.models import create_model, default_model_name, get_spec
 
     default = default_model_name()
-    assert default == "microsnoop-unet-v2" and get_spec(default).trained
-    # the opt-in quality mode is v2's weight file with a two-scale head, under its own name
+    assert default == "microsnoop-unet-v2-ms" and get_spec(default).trained
+    # the default is v2's weight file with a two-scale head, under its own name; v2 stays the one-pass fast mode
     ms = create_model("microsnoop-unet-v2-ms")
     assert ms.sha256 == get_spec("microsnoop-unet-v2").sha256 and ms.scales == (1.0, 1.5) and ms.out_dim == 1024
     for name, steps, dim in (("microsnoop-unet-v2", 1500, 512), ("microsnoop-unet-v1", 600, 256),

@@ -40,7 +40,7 @@ SHIPPED = (
             "encoder's mid-level receptive fields; 1,024 features per channel, ~3.25x v2's compute",
             "BSD-3-Clause (derived from Cellpose weights; EfficientNet-Lite0 teacher Apache-2.0); training images under "
             "their sources' licences",
-            default=False, training_data=POOL_V2, input_size="any (>=16 px; trained on 64 px crops)",
+            default=True, training_data=POOL_V2, input_size="any (>=16 px; trained on 64 px crops)",
             head="levels=all,pool=mean -> 2 x 256 projections, tta=none, scales=1+1.5 (1024)",
             weights="microsnoop-unet-v2", head_config=(("scales", "1+1.5"),)),
     Shipped("microsnoop-unet-v2", "03177336832978401618cd7614ae90ca93b06eec017d54373122907241d88612",
@@ -50,14 +50,14 @@ SHIPPED = (
             "(256 per teacher)",
             "BSD-3-Clause (derived from Cellpose weights; EfficientNet-Lite0 teacher Apache-2.0); training images under "
             "their sources' licences",
-            default=True, training_data=POOL_V2, input_size="any (>=16 px; trained on 64 px crops)",
+            default=False, training_data=POOL_V2, input_size="any (>=16 px; trained on 64 px crops)",
             head="levels=all,pool=mean -> 2 x 256 projections, tta=none (512)"),
     Shipped("microsnoop-unet-v1", "a2fe3a895ab47b0a59bc06cdc495b31e452f505c2fcb5aec3b5d4931158f321a",
             "Microsnoop U-Net, masked-reconstruction pretraining (mask 0.25, 96 px, 600 steps on CPU) fine-tuned "
             "from the Cellpose generalist network with a gentle encoder (LR x0.1, frozen first 100 steps, "
             "Cellpose BN statistics kept)",
             "BSD-3-Clause (derived from Cellpose weights); training images under their sources' licences",
-            default=True),
+            default=False),
     Shipped("microsnoop-unet-cpinit", "a9ae1f2d33004171e32f61b73cdcc1b6fcd1736e51c5fb661fc4f6773a68365f",
             "Microsnoop U-Net, masked-reconstruction pretraining (mask 0.25, 96 px, 950 steps on CPU) starting "
             "from the Cellpose generalist encoder+decoder, all weights at the full LR",
