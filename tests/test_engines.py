@@ -167,6 +167,26 @@ def test_cache_key_follows_weights_head_and_shape(yeast):
 
 
 @needs_openvino
+def test_new_shapes_reuse_one_trace_and_match_torch(yeast, monkeypatch):
+    """The module is converted once (traced on a small crop, height and width dynamic); each new shape
+    only reshapes and compiles that trace, and its vectors still match fp32 torch at every size."""
+    import openvino as ov
+
+    calls = []
+    real = ov.convert_model
+    monkeypatch.setattr(ov, "convert_model", lambda *a, **k: calls.append(1) or real(*a, **k))
+    cells = np.array(np.load(yeast / "images.npy", mmap_mode="r")[:4, :1]).astype(np.float32)
+    emb = Embedder("random-init", device="cpu", precision="bf16", engine="openvino", levels="all", scales="1+1.5")
+    ref = Embedder("random-init", device="cpu", precision="fp32", engine="torch", levels="all", scales="1+1.5")
+    for crop in (cells, np.ascontiguousarray(cells[..., 3:44, 5:57])):  # 64x64 (+96x96), 41x52 (+64x80)
+        got = emb.embed(crop)
+        assert emb.engine == "openvino" and cosine_rows(got, ref.embed(crop)).min() >= 0.999
+    assert len(emb._engine._runs) == 4 and len(calls) == 1
+    traced = [p.name for p in emb._engine.cache_entry((1, 1, 64, 64)).parent.iterdir() if p.name.endswith("-traced")]
+    assert traced == [emb._engine.digest[:24] + "-traced"]
+
+
+@needs_openvino
 def test_shapes_beyond_the_cap_run_on_torch_and_say_so(yeast, monkeypatch):
     """A folder of crops of many sizes must not pay an export per size: after MAX_SHAPES compiled
     shapes, new ones run on the torch fallback, and the provenance names both engines."""

@@ -44,10 +44,12 @@ ENGINES = ("auto", "torch", "openvino", "onnxruntime")
 AUTO_ORDER = ("openvino",)
 MIN_COSINE = 0.999
 VALIDATE_PLANES = 4  # planes of the first batch re-run in fp32 torch to validate an engine
+VALIDATE_PIXELS = 4 * 256 * 256  # ... fewer (at least one) when planes are larger: fp32 at 768 px is ~1 s a plane
 VALIDATE_SIDE = 256  # side of the centre crop validated when height and width are dynamic (fields)
-# input shapes compiled per module: each new (H, W) costs an export and a compile (~1-3 s, cached on
-# disk); a folder of crops of many sizes runs its further shapes on the torch fallback instead
-MAX_SHAPES = 8
+# input shapes compiled per module: each new (H, W) costs a reshape of the shared trace, a compile and a
+# validation (0.3-1.5 s at 64-768 px, cached on disk); a folder of crops of many sizes runs its further
+# shapes on the torch fallback instead. 12 = 6 sizes at a two-scale head's 2 shapes each
+MAX_SHAPES = 12
 _PACKAGES = {"openvino": "openvino", "onnxruntime": "onnxruntime"}
 
 
@@ -151,19 +153,45 @@ def _openvino_core():
     return ov.Core()
 
 
+TRACE_SIDE = 64  # side of the crop an (N, C, H, W) module is traced on for OpenVINO (shared by every shape)
+
+
+def _openvino_traced(module: torch.nn.Module, example: torch.Tensor, entry: Path) -> Path:
+    """The module converted once, with batch, height and width dynamic, traced on a small crop: each input
+    shape then only reshapes and compiles it. Why: tracing runs the module on the example, so converting
+    per shape cost 2-5 s at 224-768 px (most of a new shape's set-up) against ~0.2 s for the compile.
+    Cache entry ``<digest>-traced`` beside the per-shape entries (same digest: same weights and head)."""
+    import openvino as ov
+
+    def write(folder: Path) -> None:
+        small = example[..., :min(TRACE_SIDE, example.shape[-2]), :min(TRACE_SIDE, example.shape[-1])].contiguous()
+        with torch.no_grad():
+            model = ov.convert_model(module, example_input=small)
+        shape = [-1 if i in (0, 2, 3) else int(s) for i, s in enumerate(small.shape)]
+        model.reshape({model.inputs[0]: ov.PartialShape(shape)})
+        ov.save_model(model, folder / "model.xml", compress_to_fp16=False)
+
+    return _atomic_dir(entry.with_name(entry.name.split("-", 1)[0] + "-traced"), write)
+
+
 def _openvino_compile(module: torch.nn.Module, example: torch.Tensor, entry: Path, precision: str,
                       threads: int, dynamic: tuple[int, ...]) -> Callable[[np.ndarray], list[np.ndarray]]:
     import openvino as ov
 
+    core = _openvino_core()
+    traced = _openvino_traced(module, example, entry) if example.dim() == 4 else None
+
     def write(folder: Path) -> None:
-        with torch.no_grad():
-            model = ov.convert_model(module, example_input=example)
+        if traced is not None:  # the shared trace, reshaped to this entry's shape (validated on first use)
+            model = core.read_model(traced / "model.xml")
+        else:
+            with torch.no_grad():
+                model = ov.convert_model(module, example_input=example)
         shape = [(-1 if i in dynamic else int(s)) for i, s in enumerate(example.shape)]
         model.reshape({model.inputs[0]: ov.PartialShape(shape)})
         ov.save_model(model, folder / "model.xml", compress_to_fp16=False)
 
     _atomic_dir(entry, write)
-    core = _openvino_core()
     config = {"INFERENCE_PRECISION_HINT": "bf16" if precision == "bf16" else "f32",
               "INFERENCE_NUM_THREADS": int(threads), "PERFORMANCE_HINT": "LATENCY", "NUM_STREAMS": 1,
               "CACHE_DIR": str(entry / "compiled")}  # OpenVINO's own blob cache: later runs skip compiling
@@ -287,8 +315,10 @@ class EngineModule(torch.nn.Module):
                 return
         except (OSError, ValueError):
             pass
-        probe = x[:VALIDATE_PLANES].detach().float()
-        if 2 in self.dynamic and 3 in self.dynamic:  # whole fields: a real centre crop keeps the fp32 pass short
+        whole_fields = 2 in self.dynamic and 3 in self.dynamic
+        n = VALIDATE_PLANES if whole_fields else max(1, min(VALIDATE_PLANES, VALIDATE_PIXELS // (x.shape[-2] * x.shape[-1])))
+        probe = x[:n].detach().float()
+        if whole_fields:  # a real centre crop keeps the fp32 pass short
             h, w = (min(VALIDATE_SIDE, d - d % 16) or d for d in x.shape[2:])
             y0, x0 = (x.shape[2] - h) // 2, (x.shape[3] - w) // 2
             probe = probe[..., y0:y0 + h, x0:x0 + w]
