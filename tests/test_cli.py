@@ -257,7 +257,7 @@ OTHER_TOOLS = {"--test", "--standalone", "--nproc_per_node", "--nnodes", "--rdzv
                "--ntasks-per-node", "--gpus-per-node", "--cpus-per-task", "--time", "--requeue", "--no-deps",
                "--report-dir", "--models", "--quick", "--skip-rss", "--fields-max-cells", "--fields-crop-size",
                "--peers-only", "--peer-run", "--data", "--docs", "--plot", "--max-pixels",
-               "--fields", "--repeats", "--engines", "--sizes", "--out"}  # benchmarks/*.py scripts
+               "--fields", "--repeats", "--engines", "--sizes"}  # benchmarks/*.py scripts
 
 
 def _command_segments(text: str):
