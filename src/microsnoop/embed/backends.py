@@ -179,11 +179,10 @@ def _openvino_compile(module: torch.nn.Module, example: torch.Tensor, entry: Pat
     import openvino as ov
 
     core = _openvino_core()
-    traced = _openvino_traced(module, example, entry) if example.dim() == 4 else None
 
     def write(folder: Path) -> None:
-        if traced is not None:  # the shared trace, reshaped to this entry's shape (validated on first use)
-            model = core.read_model(traced / "model.xml")
+        if example.dim() == 4:  # the shared trace, reshaped to this entry's shape (validated on first use)
+            model = core.read_model(_openvino_traced(module, example, entry) / "model.xml")
         else:
             with torch.no_grad():
                 model = ov.convert_model(module, example_input=example)
