@@ -315,7 +315,8 @@ class EngineModule(torch.nn.Module):
         except (OSError, ValueError):
             pass
         whole_fields = 2 in self.dynamic and 3 in self.dynamic
-        n = VALIDATE_PLANES if whole_fields else max(1, min(VALIDATE_PLANES, VALIDATE_PIXELS // (x.shape[-2] * x.shape[-1])))
+        per_pixels = max(1, VALIDATE_PIXELS // (x.shape[-2] * x.shape[-1]))
+        n = VALIDATE_PLANES if whole_fields else min(VALIDATE_PLANES, per_pixels)
         probe = x[:n].detach().float()
         if whole_fields:  # a real centre crop keeps the fp32 pass short
             h, w = (min(VALIDATE_SIDE, d - d % 16) or d for d in x.shape[2:])
