@@ -332,3 +332,22 @@ def test_distill_unet_trains_resumes_and_exports(tiny_pool, tmp_path):
     img = read_image(sorted(tiny_pool.glob("*.tif"))[0])[None, :1, :40, :40]
     vec = Embedder(enc, device="cpu", precision="fp32").embed(img)
     assert vec.shape == (1, 16) and np.isfinite(vec).all()
+
+
+def test_distill_unet_stream_seed_keeps_init_and_calibration(tiny_pool, tmp_path):
+    """``stream_seed`` changes the training crops only: the calibration (target basis) and the initial
+    weights stay those of the run's seed, so such runs can be weight-averaged; another seed changes both."""
+    from microsnoop.train.loop import load_training_state, train
+
+    opts = {**TINY, "steps": 2, "precision": "fp32", "input_size": 32, "batch_size": 8, "teacher_dims": 8,
+            "calibration_batches": 3, "teachers": ["random-init:levels=all"], "teacher_tta": ["d8"],
+            "init": "cellpose-encoder"}
+    train(tiny_pool, tmp_path / "a", method="distill-unet", options=opts)
+    train(tiny_pool, tmp_path / "b", method="distill-unet", options={**opts, "stream_seed": 7})
+    train(tiny_pool, tmp_path / "c", method="distill-unet", options={**opts, "seed": 6})
+    a, b, c = (load_training_state(tmp_path / r / "checkpoint.pt")["model"] for r in "abc")
+    assert torch.equal(a["t0_basis"], b["t0_basis"]) and torch.equal(a["t0_mean"], b["t0_mean"])
+    assert not torch.equal(a["t0_mean"], c["t0_mean"])
+    # the first step has LR 0 (warm-up); the second, on other crops, moves the same start differently
+    assert not torch.equal(a["student.proj.t0.weight"], b["student.proj.t0.weight"])
+    assert (a["student.proj.t0.weight"] - b["student.proj.t0.weight"]).abs().max() < 0.01

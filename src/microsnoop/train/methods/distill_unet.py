@@ -96,7 +96,7 @@ class DistillUNet(PretextMethod):
     defaults = {"teachers": ["cellpose-encoder:levels=all", "imagenet-effnet-lite0"], "teacher_tta": ["d8", "d8-sample"],
                 "teacher_dims": 256, "calibration_batches": 24, "min_signal": 0.1, "widths": [32, 64, 128, 256],
                 "input_size": 64, "batch_size": 32, "scale_range": [0.4, 1.6], "gamma": [0.7, 1.4],
-                "noise": 0.05, "sampling": "proportional", "centre_fraction": 0.0, "lr": 1e-3, "encoder_lr_scale": 0.3, "warmup_steps": 100}
+                "noise": 0.05, "sampling": "proportional", "centre_fraction": 0.0, "stream_seed": None, "lr": 1e-3, "encoder_lr_scale": 0.3, "warmup_steps": 100}
 
     def __init__(self) -> None:
         self._teachers: list[tuple[str, nn.Module, bool]] | None = None
@@ -134,7 +134,11 @@ class DistillUNet(PretextMethod):
         centre = float(config.get("centre_fraction", 0.0))  # share of crops centred on an object
         self._calib = StepBatches(*args, int(config["seed"]) + 104729, scale, extra=views, centre_fraction=centre)
         self._config = config
-        return StepBatches(*args, int(config["seed"]), scale, extra=views, shard=shard, centre_fraction=centre)
+        # stream_seed: other crops and augmentations with the same initialisation and calibration (the
+        # run's seed), so runs differing only in it share the target basis and can be weight-averaged
+        stream = config.get("stream_seed")
+        stream = int(config["seed"]) if stream is None else int(stream)
+        return StepBatches(*args, stream, scale, extra=views, shard=shard, centre_fraction=centre)
 
     def teachers(self, config: dict[str, Any], device: torch.device) -> list[tuple[str, nn.Module, bool]]:
         """Frozen teachers as the engine's fast modules (BN folded, bf16 weights where the CPU has it)."""
