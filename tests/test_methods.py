@@ -348,6 +348,6 @@ def test_distill_unet_stream_seed_keeps_init_and_calibration(tiny_pool, tmp_path
     a, b, c = (load_training_state(tmp_path / r / "checkpoint.pt")["model"] for r in "abc")
     assert torch.equal(a["t0_basis"], b["t0_basis"]) and torch.equal(a["t0_mean"], b["t0_mean"])
     assert not torch.equal(a["t0_mean"], c["t0_mean"])
-    # the first step has LR 0 (warm-up); the second, on other crops, moves the same start differently
+    # two updates on other crops move the same start differently, and only a little
     assert not torch.equal(a["student.proj.t0.weight"], b["student.proj.t0.weight"])
     assert (a["student.proj.t0.weight"] - b["student.proj.t0.weight"]).abs().max() < 0.01

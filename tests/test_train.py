@@ -274,3 +274,17 @@ def test_bad_method_option_leaves_no_run_folder(tiny_pool, tmp_path, cli):
                        "--steps", "1", "--set", "centre_fraction=2")
     assert code == 2 and "centre_fraction must be between 0 and 1, got 2" in err
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("args, message", [
+    (("--set", "stream_seed=-1"), "stream_seed must be an integer from 0 to 2**32 - 1, not -1"),
+    (("--set", "stream_seed=1.5"), "stream_seed must be an integer from 0 to 2**32 - 1, not 1.5"),
+    (("--seed", "-1"), "seed must be an integer from 0 to 2**32 - 1, not -1"),
+])
+def test_bad_seed_is_refused_before_the_run_folder(tiny_pool, tmp_path, cli, args, message):
+    """numpy refuses a negative or fractional seed only once the pool is loaded (a traceback, and a run
+    folder with a config but no checkpoint); the config check refuses it first."""
+    code, _, err = cli("train", "--method", "distill-unet", "--data", tiny_pool, "-o", tmp_path / "run",
+                       "--steps", "1", *args)
+    assert code == 2 and message in err
+    assert not (tmp_path / "run").exists()

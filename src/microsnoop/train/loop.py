@@ -33,6 +33,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import numbers
 import random
 import time
 import warnings
@@ -138,6 +139,12 @@ def build_config(method: Any, options: dict[str, Any]) -> dict[str, Any]:
         raise MicrosnoopError("input_size must be >= 16 and batch_size >= 1")
     if config.get("sync_bn", "auto") not in ("auto", True, False):
         raise MicrosnoopError(f"sync_bn must be auto, true or false, not {config['sync_bn']!r}")
+    for key in ("seed", "stream_seed"):  # numpy refuses others only after the pool is loaded
+        value = config.get(key)
+        if value is None and key != "seed":
+            continue
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral) or not 0 <= value < 2 ** 32:
+            raise MicrosnoopError(f"{key} must be an integer from 0 to 2**32 - 1, not {value!r}")
     return config
 
 
